@@ -1,0 +1,1 @@
+"""The work of each stage: plain functions, no Prefect or DVC imports."""

@@ -1,0 +1,77 @@
+"""Pieces every stage shares: the strict config base, the stage I/O contract, hashing.
+
+A stage is a plain function ``run(cfg, io) -> StageResult``: its spec section and the
+folders of the stages it reads, in; the files it wrote and its metrics, out. Nothing
+here knows about Prefect or DVC, so both can wrap the same function.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """Config base: unknown keys are errors (a typo fails with its path), values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageError(RuntimeError):
+    """A stage could not do its work because of its input or config; the message says what."""
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """Where a stage reads and writes.
+
+    ``inputs`` maps each stage this one needs to that stage's output folder;
+    ``out_dir`` is this stage's own folder (``artifacts/<pipeline>/<stage>/``);
+    ``state_dir`` holds local state shared by stages (models, caches);
+    ``s3_endpoint_url`` points boto3 at an S3-compatible server (None: AWS itself).
+    """
+
+    pipeline: str
+    out_dir: Path
+    inputs: dict[str, Path] = field(default_factory=dict)
+    state_dir: Path = Path(".llmops")
+    s3_endpoint_url: str | None = None
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: output files by name, headline metrics, a Markdown summary."""
+
+    outputs: dict[str, Path]
+    metrics: dict[str, Any]
+    summary: str
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write ``data`` as stable, indented JSON (sorted keys) so diffs and hashes are stable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table from a list of dicts sharing the same keys."""
+    if not rows:
+        return "_(empty)_"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""llmops: the command line, the spec and the stage registry."""

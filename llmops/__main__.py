@@ -1,0 +1,3 @@
+from llmops.cli import main
+
+main()

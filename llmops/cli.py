@@ -1,0 +1,257 @@
+"""The `llmops` command line: run pipelines, single stages, and the tools around them."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from components.base import StageError
+from components.models import ModelError
+from llmops.spec import DEFAULT_SPEC, SpecError, Spec, load_spec
+
+app = typer.Typer(help="Declarative LLMOps: one spec (pipelines.yaml) from raw data to a monitored endpoint.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Check, show and describe pipelines.yaml.", no_args_is_help=True)
+models_app = typer.Typer(help="Provision the models named in the spec's `models` catalog.", no_args_is_help=True)
+data_app = typer.Typer(help="Demo data: generate support tickets, customers and articles.", no_args_is_help=True)
+dvc_app = typer.Typer(help="Keep dvc.yaml in step with pipelines.yaml.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(dvc_app, name="dvc")
+
+console = Console(stderr=True)
+out = Console()
+
+SpecFile = Annotated[Path, typer.Option("--file", "-f", envvar="LLMOPS_SPEC",
+                                        help="The spec file.", show_default=True)]
+PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", "-p",
+                                                    help="Pipeline to use (default: the spec's default_pipeline).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a spec key, e.g. --set prepare.split.train=0.7 (relative to the pipeline) "
+                  "or --set services.storage.state_dir=/tmp/state. Repeatable.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(file: Path, overrides: list[str] | None, pipeline: str | None) -> Spec:
+    try:
+        return load_spec(file, overrides or [], pipeline)
+    except SpecError as exc:
+        _fail(str(exc))
+
+
+def _root(file: Path) -> Path:
+    return file.resolve().parent
+
+
+@app.command()
+def run(
+    file: SpecFile = Path(DEFAULT_SPEC),
+    pipeline: PipelineOpt = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="First stage to run (earlier outputs must exist).")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Last stage to run.")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Run a pipeline as a Prefect flow (ephemeral local server unless services.prefect.api_url is set)."""
+    from llmops.runner import configure_environment, select_stages
+
+    spec = _load(file, overrides, pipeline)
+    name, pipe = spec.pipeline(pipeline)
+    try:
+        stages = select_stages(pipe.stages, start, until)
+    except StageError as exc:
+        _fail(str(exc))
+    configure_environment(spec, _root(file))
+    console.print(f"[bold]pipeline[/] {name}: {' -> '.join(stages)}  (Prefect home: {os.environ['PREFECT_HOME']})")
+    from flows.pipeline import pipeline_flow  # after configure_environment: Prefect reads env at import
+
+    started = time.perf_counter()
+    try:
+        outputs = pipeline_flow(spec=spec, root=str(_root(file)), pipeline=name, stages=stages)
+    except (StageError, ModelError, SpecError) as exc:
+        _fail(str(exc), code=1)
+    _print_outputs(name, outputs, time.perf_counter() - started)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="Stage to run, e.g. ingest or prepare.")],
+    file: SpecFile = Path(DEFAULT_SPEC),
+    pipeline: PipelineOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Run one stage directly, without Prefect (this is what dvc.yaml calls)."""
+    from llmops.runner import configure_environment, execute_stage
+
+    spec = _load(file, overrides, pipeline)
+    pipe_name, _ = spec.pipeline(pipeline)
+    configure_environment(spec, _root(file))
+    started = time.perf_counter()
+    try:
+        with console.status(f"stage {name} ({pipe_name}) running..."):
+            result = execute_stage(spec, _root(file), pipe_name, name)
+    except (StageError, ModelError) as exc:
+        _fail(str(exc), code=1)
+    _print_outputs(pipe_name, {name: {k: str(v) for k, v in result.outputs.items()}},
+                   time.perf_counter() - started, metrics=result.metrics)
+
+
+def _print_outputs(pipeline: str, outputs: dict[str, dict[str, str]], seconds: float,
+                   metrics: dict | None = None) -> None:
+    table = Table(title=f"{pipeline}: outputs", title_justify="left")
+    table.add_column("stage")
+    table.add_column("output")
+    table.add_column("path")
+    cwd = Path.cwd()
+    for stage_name, files in outputs.items():
+        for key, path in files.items():
+            shown = Path(path)
+            shown = shown.relative_to(cwd) if shown.is_relative_to(cwd) else shown
+            table.add_row(stage_name, key, str(shown))
+    out.print(table)
+    if metrics:
+        out.print("metrics: " + json.dumps(metrics))
+    out.print(f"done in {seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- config
+
+@config_app.command("validate")
+def config_validate(file: SpecFile = Path(DEFAULT_SPEC), overrides: SetOpt = None) -> None:
+    """Check the spec; prints each problem with its line and key path, exits 2 if any."""
+    spec = _load(file, overrides, None)
+    for name, pipe in spec.pipelines.items():
+        mark = " (default)" if name == spec.default_pipeline else ""
+        out.print(f"{file}: OK  pipeline {name}{mark}: {' -> '.join(pipe.stages)}")
+
+
+@config_app.command("show")
+def config_show(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None, overrides: SetOpt = None) -> None:
+    """Print the resolved spec: defaults filled in, ${ENV} and --set applied."""
+    from llmops.spec import dump
+
+    out.print(dump(_load(file, overrides, pipeline)), markup=False, highlight=False, end="")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of pipelines.yaml (point your editor's YAML plugin at it)."""
+    from llmops.spec import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- models
+
+@models_app.command("pull")
+def models_pull(
+    file: SpecFile = Path(DEFAULT_SPEC),
+    names: Annotated[Optional[list[str]], typer.Argument(help="Models to pull (default: all in the catalog).")] = None,
+) -> None:
+    """Provision the catalog's models into the state folder (once; later calls are instant)."""
+    from components.models import pull
+    from llmops.runner import configure_environment
+
+    spec = _load(file, None, None)
+    configure_environment(spec, _root(file))
+    wanted = names or list(spec.models)
+    unknown = [n for n in wanted if n not in spec.models]
+    if unknown:
+        _fail(f"not in the spec's models catalog: {', '.join(unknown)} (catalog: {', '.join(spec.models)})")
+    for name in wanted:
+        try:
+            with console.status(f"{name}: provisioning..."):
+                status, where = pull(name, spec.models[name], spec.state_dir(_root(file)),
+                                     log=lambda m: console.print(m, highlight=False))
+        except ModelError as exc:
+            _fail(str(exc), code=1)
+        out.print(f"{name}: {status}  {where}", highlight=False)
+
+
+@models_app.command("list")
+def models_list(file: SpecFile = Path(DEFAULT_SPEC)) -> None:
+    """List the catalog's models and whether they are provisioned."""
+    from components.models import resolve
+
+    spec = _load(file, None, None)
+    table = Table("name", "source", "location")
+    for name, source in spec.models.items():
+        try:
+            where = resolve(name, spec.models, spec.state_dir(_root(file)))
+        except ModelError as exc:
+            where = f"[yellow]{exc}[/]"
+        table.add_row(name, source.kind, where)
+    out.print(table)
+
+
+# ---------------------------------------------------------------- data
+
+@data_app.command("generate")
+def data_generate(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the tables into.")] = Path("data/demo"),
+    n: Annotated[int, typer.Option("--n", help="Number of tickets.", min=1)] = 2000,
+    customers: Annotated[int, typer.Option("--customers", help="Number of customers.", min=1)] = 300,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same data.")] = 7,
+    shift: Annotated[Optional[str], typer.Option(
+        "--shift", help="Shifted traffic for drift tests: new_product, language, long or spam.")] = None,
+    shift_fraction: Annotated[float, typer.Option(
+        "--shift-fraction", help="Share of tickets that are shifted (with --shift).", min=0.0, max=1.0)] = 1.0,
+) -> None:
+    """Generate demo tickets (with gold labels), customers, profile history and articles as Parquet."""
+    from components import generate
+
+    if shift is not None and shift not in generate.SHIFTS:
+        _fail(f"--shift {shift!r}: expected one of {', '.join(generate.SHIFTS)}")
+    with console.status(f"generating {n} tickets..."):
+        data = generate.generate(n_tickets=n, n_customers=customers, seed=seed, shift=shift,
+                                 shift_fraction=shift_fraction)
+        paths = data.write(out_dir)
+    for name, path in paths.items():
+        out.print(f"{name:<18} {len(getattr(data, name)):>6} rows  {path}")
+
+
+# ---------------------------------------------------------------- dvc
+
+@dvc_app.command("generate")
+def dvc_generate(file: SpecFile = Path(DEFAULT_SPEC),
+                 output: Annotated[Path, typer.Option("--output", "-o")] = Path("dvc.yaml")) -> None:
+    """Write dvc.yaml for the default pipeline from the spec and the stage registry."""
+    from llmops import dvcfile
+
+    spec = _load(file, None, None)
+    output.write_text(dvcfile.render(dvcfile.build(spec, file.name)))
+    out.print(f"wrote {output}")
+
+
+@dvc_app.command("check")
+def dvc_check(file: SpecFile = Path(DEFAULT_SPEC),
+              dvc_file: Annotated[Path, typer.Option("--dvc-file")] = Path("dvc.yaml")) -> None:
+    """Fail (exit 1) when dvc.yaml and pipelines.yaml disagree, listing each difference."""
+    from llmops import dvcfile
+
+    spec = _load(file, None, None)
+    problems = dvcfile.check(spec, dvc_file, file.name)
+    for problem in problems:
+        console.print(f"[red]{problem}[/]", highlight=False)
+    if problems:
+        _fail("dvc.yaml is out of date; run `llmops dvc generate`", code=1)
+    out.print(f"{dvc_file} agrees with {file}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

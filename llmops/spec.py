@@ -1,0 +1,342 @@
+"""pipelines.yaml: schema, loading, ``${ENV:-default}`` interpolation, ``--set`` overrides.
+
+Errors name the file, the line, the key path and what was expected, e.g.
+``pipelines.yaml:47: pipelines.support-triage.prepare.split.train: must be < 1 (got 1.5)``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from components.base import StrictModel
+from components.ingest import IngestSpec
+from components.models import ModelSource
+from components.prepare import PrepareSpec
+from llmops.stages import STAGES
+
+DEFAULT_SPEC = "pipelines.yaml"
+
+
+class SpecError(ValueError):
+    """pipelines.yaml (or an override) is invalid; ``str()`` is the message for the user."""
+
+
+# ---------------------------------------------------------------- schema
+
+class PrefectService(StrictModel):
+    api_url: str | None = None  # None/empty: an ephemeral server on SQLite in the state folder
+
+
+class MlflowService(StrictModel):
+    tracking_uri: str | None = None  # None: sqlite:///<state_dir>/mlflow/mlflow.db
+
+
+class StorageService(StrictModel):
+    state_dir: str = ".llmops"
+    artifacts_dir: str = "artifacts"
+    s3_endpoint_url: str | None = None
+
+
+class FeastService(StrictModel):
+    repo: str = "feature_repo"
+
+
+class Services(StrictModel):
+    prefect: PrefectService = PrefectService()
+    mlflow: MlflowService = MlflowService()
+    storage: StorageService = StorageService()
+    feast: FeastService = FeastService()
+
+
+class PipelineSpec(StrictModel):
+    description: str = ""
+    stages: list[str] = Field(min_length=1)
+    retries: dict[str, int] = {}
+    retry_delay_s: float = Field(10.0, ge=0)
+    ingest: IngestSpec = IngestSpec()
+    prepare: PrepareSpec = PrepareSpec()
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        for name in stages:
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+        dupes = sorted({s for s in stages if stages.count(s) > 1})
+        if dupes:
+            raise ValueError(f"stage(s) listed twice: {', '.join(dupes)}")
+        for i, name in enumerate(stages):
+            missing = [n for n in STAGES[name].needs if n not in stages[:i]]
+            if missing:
+                raise ValueError(f"stage {name!r} needs {', '.join(missing)} before it")
+        return stages
+
+    @model_validator(mode="after")
+    def _retries_name_stages(self) -> "PipelineSpec":
+        for name, count in self.retries.items():
+            if name not in self.stages:
+                raise ValueError(f"retries: {name!r} is not a stage of this pipeline")
+            if count < 0:
+                raise ValueError(f"retries.{name}: must be >= 0 (got {count})")
+        return self
+
+    def section(self, stage: str) -> BaseModel:
+        return getattr(self, stage)
+
+
+class Spec(StrictModel):
+    version: Literal[1] = 1
+    default_pipeline: str
+    services: Services = Services()
+    models: dict[str, ModelSource] = {}
+    pipelines: dict[str, PipelineSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> "Spec":
+        if self.default_pipeline not in self.pipelines:
+            raise ValueError(f"default_pipeline {self.default_pipeline!r} is not one of the pipelines "
+                             f"({', '.join(self.pipelines)})")
+        return self
+
+    def pipeline(self, name: str | None) -> tuple[str, PipelineSpec]:
+        name = name or self.default_pipeline
+        if name not in self.pipelines:
+            raise SpecError(f"no pipeline named {name!r}; pipelines: {', '.join(self.pipelines)}")
+        return name, self.pipelines[name]
+
+    def state_dir(self, root: Path) -> Path:
+        return (root / self.services.storage.state_dir).resolve()
+
+    def artifacts_dir(self, root: Path) -> Path:
+        return (root / self.services.storage.artifacts_dir).resolve()
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, path: str = "", env: dict[str, str] | None = None) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``.
+    A string that is exactly one reference and resolves to "" becomes None (unset)."""
+    env = os.environ if env is None else env
+    if isinstance(value, dict):
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def sub(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if env.get(name):
+            return env[name]
+        if default is None:
+            raise SpecError(f"{path}: environment variable {name} is not set and has no default "
+                            f"(write ${{{name}:-default}})")
+        return default
+
+    out = _ENV.sub(sub, value)
+    whole = _ENV.fullmatch(value)
+    return None if whole and whole.group(0) != "$$" and out == "" else out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set prepare.split.train=0.7")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str], pipeline: str | None) -> tuple[dict, set[str]]:
+    """Apply ``--set`` items. A key starting with a top-level key (``services...``) is absolute;
+    otherwise it is relative to the selected pipeline (``prepare.split.train=0.7``)."""
+    top = set(Spec.model_fields)
+    touched = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in top:
+            name = pipeline or raw.get("default_pipeline")
+            if not name:
+                raise SpecError(f"--set {item!r}: no pipeline selected and no default_pipeline in the spec")
+            keys = ["pipelines", name, *keys]
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise SpecError(f"--set {item!r}: {k} is not a mapping")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        touched.add(".".join(keys))
+    return raw, touched
+
+
+def load_spec(path: str | Path = DEFAULT_SPEC, overrides: list[str] | None = None,
+              pipeline: str | None = None, env: dict[str, str] | None = None) -> Spec:
+    """Read, interpolate, override and validate a spec. Raises SpecError with a message that
+    names the file, line and key path of every problem."""
+    path = Path(path)
+    label = path.name if path.parent == Path(".") else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{label}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{label}: not valid UTF-8 ({exc.reason})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{label}{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{label}: expected a mapping at the top (version, services, models, pipelines)")
+    try:
+        raw = interpolate(raw, env=env)
+    except SpecError as exc:
+        raise SpecError(f"{label}: {exc}") from None
+    raw, touched = apply_overrides(raw, list(overrides or []), pipeline)
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc, raw, text, label, touched)) from None
+    spec.pipeline(pipeline)  # an unknown -p fails here, with the list of pipelines
+    return spec
+
+
+# ---------------------------------------------------------------- error messages
+
+def format_errors(exc: ValidationError, raw: dict, text: str, label: str, touched: set[str]) -> str:
+    lines_by_path = _line_numbers(text)
+    out = []
+    for err in exc.errors():
+        keys = _user_path(err["loc"], raw)
+        dotted = ".".join(str(k) for k in keys)
+        line = lines_by_path.get(tuple(str(k) for k in keys))
+        where = f"{label}:{line}" if line else label
+        origin = " (from --set)" if any(dotted == t or dotted.startswith(t + ".") for t in touched) else ""
+        out.append(f"{where}: {dotted or '(top)'}: {_describe(err, keys, raw)}{origin}")
+    return "\n".join(out)
+
+
+def _user_path(loc: tuple, raw: Any) -> list:
+    """Drop the discriminator tags pydantic puts in ``loc`` for tagged unions, keeping only
+    the keys that exist in the user's document."""
+    keys, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue  # the tag of a discriminated union, not a key
+        keys.append(part)
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+    return keys
+
+
+def _describe(err: dict, keys: list, raw: dict) -> str:
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) or got is None else ""
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit}{shown}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(keys[:-1], raw)
+        hint = difflib.get_close_matches(str(keys[-1]), allowed, n=1)
+        suffix = f"; did you mean {hint[0]!r}?" if hint else (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        return f"unknown key{suffix}"
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected')}{shown}"
+    if kind == "union_tag_invalid":
+        return f"{ctx.get('discriminator')} must be one of {ctx.get('expected_tags')}{shown if not isinstance(got, dict) else ''}" \
+               + (f" (got {ctx.get('tag')!r})" if isinstance(got, dict) else "")
+    if kind == "union_tag_not_found":
+        return f"missing {ctx.get('discriminator')} (which variant this is)"
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length')} item(s)"
+    msg = err["msg"]
+    msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    return (msg[:1].lower() + msg[1:]) + ("" if kind == "value_error" else shown)
+
+
+def _allowed_keys(keys: list, raw: dict) -> list[str]:
+    """Field names of the model at ``keys`` (following the user's data through dicts,
+    lists and tagged unions); [] when it cannot tell."""
+    tp: Any = Spec
+    node: Any = raw
+    for k in keys:
+        tp = _pick_model(tp, node)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(k))
+            if field is None:
+                return []
+            tp = field.annotation
+        else:
+            args = typing.get_args(tp)
+            tp = args[-1] if args else None
+        node = node.get(k) if isinstance(node, dict) else None
+    tp = _pick_model(tp, node)
+    return sorted(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _pick_model(tp: Any, node: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _pick_model(typing.get_args(tp)[0], node)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        for member in members:
+            kind = getattr(member, "model_fields", {}).get("kind")
+            if kind is not None and isinstance(node, dict) and kind.default == node.get("kind"):
+                return member
+        return members[0] if len(members) == 1 else tp
+    return tp
+
+
+def _line_numbers(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML text to its 1-based line number."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    found: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = prefix + (str(key.value),)
+                found[path] = key.start_mark.line + 1
+                walk(value, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
+
+    if root is not None:
+        walk(root, ())
+    return found
+
+
+def json_schema() -> dict:
+    """JSON Schema of pipelines.yaml, for editors (yaml-language-server)."""
+    return Spec.model_json_schema()
+
+
+def dump(spec: Spec) -> str:
+    """The resolved spec as YAML (defaults filled in, env and overrides applied)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
