@@ -77,8 +77,14 @@ def split_of(ticket_id: str, fractions: SplitFractions, salt: str) -> str:
 def profiles_as_of(tickets: pd.DataFrame, profiles: pd.DataFrame) -> pd.DataFrame:
     """Tickets with the profile columns of the latest snapshot at or before ``created_at``
     (point-in-time join). Tickets older than their customer's first snapshot get nulls."""
-    left = tickets.assign(_order=range(len(tickets))).sort_values("created_at")
-    right = profiles[["customer_id", "event_timestamp", *PROFILE_FIELDS]].sort_values("event_timestamp")
+    # Sources differ in time units (ms from JSON, ns from pandas); merge_asof needs one.
+    utc_ns = "datetime64[ns, UTC]"
+    left = tickets.assign(_order=range(len(tickets)),
+                          created_at=pd.to_datetime(tickets.created_at, utc=True).astype(utc_ns))
+    left = left.sort_values("created_at")
+    right = profiles[["customer_id", "event_timestamp", *PROFILE_FIELDS]].assign(
+        event_timestamp=pd.to_datetime(profiles.event_timestamp, utc=True).astype(utc_ns))
+    right = right.sort_values("event_timestamp")
     joined = pd.merge_asof(left, right, left_on="created_at", right_on="event_timestamp",
                            by="customer_id", direction="backward")
     return joined.sort_values("_order").drop(columns=["_order", "event_timestamp"]).reset_index(drop=True)
