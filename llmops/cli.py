@@ -40,7 +40,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -109,19 +109,16 @@ def stage(
 
 def _print_outputs(pipeline: str, outputs: dict[str, dict[str, str]], seconds: float,
                    metrics: dict | None = None) -> None:
-    table = Table(title=f"{pipeline}: outputs", title_justify="left")
-    table.add_column("stage")
-    table.add_column("output")
-    table.add_column("path")
+    """One line per output file (stage, name, path): greppable, never wrapped."""
     cwd = Path.cwd()
+    out.print(f"{pipeline}: outputs", style="bold")
     for stage_name, files in outputs.items():
         for key, path in files.items():
             shown = Path(path)
             shown = shown.relative_to(cwd) if shown.is_relative_to(cwd) else shown
-            table.add_row(stage_name, key, str(shown))
-    out.print(table)
+            out.print(f"  {stage_name:<10} {key:<18} {shown}", highlight=False, soft_wrap=True)
     if metrics:
-        out.print("metrics: " + json.dumps(metrics))
+        out.print("metrics: " + json.dumps(metrics), highlight=False, soft_wrap=True)
     out.print(f"done in {seconds:.1f} s")
 
 
@@ -141,7 +138,7 @@ def config_show(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = Non
     """Print the resolved spec: defaults filled in, ${ENV} and --set applied."""
     from llmops.spec import dump
 
-    out.print(dump(_load(file, overrides, pipeline)), markup=False, highlight=False, end="")
+    sys.stdout.write(dump(_load(file, overrides, pipeline)))
 
 
 @config_app.command("schema")

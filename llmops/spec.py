@@ -10,10 +10,10 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from components.base import StrictModel
 from components.ingest import IngestSpec
@@ -58,7 +58,7 @@ class Services(StrictModel):
 class PipelineSpec(StrictModel):
     description: str = ""
     stages: list[str] = Field(min_length=1)
-    retries: dict[str, int] = {}
+    retries: dict[str, Annotated[int, Field(ge=0)]] = {}
     retry_delay_s: float = Field(10.0, ge=0)
     ingest: IngestSpec = IngestSpec()
     prepare: PrepareSpec = PrepareSpec()
@@ -78,14 +78,15 @@ class PipelineSpec(StrictModel):
                 raise ValueError(f"stage {name!r} needs {', '.join(missing)} before it")
         return stages
 
-    @model_validator(mode="after")
-    def _retries_name_stages(self) -> "PipelineSpec":
-        for name, count in self.retries.items():
-            if name not in self.stages:
-                raise ValueError(f"retries: {name!r} is not a stage of this pipeline")
-            if count < 0:
-                raise ValueError(f"retries.{name}: must be >= 0 (got {count})")
-        return self
+    @field_validator("retries")
+    @classmethod
+    def _retries_name_stages(cls, retries: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        stages = info.data.get("stages") or []
+        unknown = [name for name in retries if name not in stages]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} not a stage of this pipeline "
+                             f"(stages: {', '.join(stages)})")
+        return retries
 
     def section(self, stage: str) -> BaseModel:
         return getattr(self, stage)
@@ -252,7 +253,7 @@ def _describe(err: dict, keys: list, raw: dict) -> str:
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {limit}{shown}"
+        return f"must be {bounds[kind]} {limit:g}{shown}"
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
