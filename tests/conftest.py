@@ -1,0 +1,67 @@
+"""Shared fixtures: small generated data, and throwaway copies of the project for
+integration tests that run the real CLI, Prefect and DVC."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components import generate
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Files a project copy needs: the spec, the DVC pipeline, and the code DVC tracks as deps.
+PROJECT_FILES = ("pipelines.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "components")
+
+
+@pytest.fixture(scope="session")
+def demo_small() -> generate.DemoData:
+    """300 tickets from 60 customers: big enough for every split, fast to build."""
+    return generate.generate(n_tickets=300, n_customers=60, seed=3)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    # Each project copy keeps its own Prefect state; never reuse the developer's.
+    for key in ("PREFECT_HOME", "PREFECT_API_URL", "LLMOPS_STATE_DIR", "LLMOPS_SPEC", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = False, tool: str = "llmops",
+            **env: str) -> subprocess.CompletedProcess:
+    """Run ``tool ARGS`` (a command of the project's venv: llmops, dvc) in ``cwd``."""
+    cmd = [str(BIN / tool), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project's spec, dvc.yaml and components in a new git repo, with the
+    demo size cut to 300 tickets so stages run in about a second."""
+    dest = tmp_path / "project"
+    dest.mkdir()
+    for name in PROJECT_FILES:
+        src = REPO / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    spec = dest / "pipelines.yaml"
+    text = spec.read_text()
+    assert "n_tickets: 2000" in text
+    spec.write_text(text.replace("n_tickets: 2000", "n_tickets: 300"))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest

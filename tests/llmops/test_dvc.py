@@ -1,0 +1,70 @@
+"""dvc.yaml: agrees with the spec; `dvc repro` runs the same stages and skips unchanged ones."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from llmops import dvcfile
+from llmops.spec import load_spec
+from tests.conftest import REPO, run_cli
+
+
+def test_committed_dvc_yaml_agrees_with_the_spec():
+    spec = load_spec(REPO / "pipelines.yaml", env={})
+    assert dvcfile.check(spec, REPO / "dvc.yaml") == []
+    proc = run_cli(["dvc", "check"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_check_reports_each_disagreement(tmp_path):
+    spec = load_spec(REPO / "pipelines.yaml", env={})
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    doc["stages"]["prepare"]["cmd"] = "python prepare.py"
+    del doc["stages"]["ingest"]
+    doc["stages"]["extra"] = {"cmd": "true"}
+    broken = tmp_path / "dvc.yaml"
+    broken.write_text(yaml.safe_dump(doc))
+    problems = dvcfile.check(spec, broken)
+    assert problems == sorted([
+        f"{broken}: stage 'ingest' is in the spec but not in dvc.yaml",
+        f"{broken}: stage 'extra' is not a stage of the spec's default pipeline",
+        f"{broken}: stages.prepare.cmd is 'python prepare.py', expected 'llmops stage prepare'",
+    ])
+
+
+def test_stage_params_are_only_the_keys_it_reads():
+    doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
+    assert doc["stages"]["prepare"]["params"] == [{"pipelines.yaml": ["pipelines.support-triage.prepare"]}]
+    assert "artifacts/support-triage/ingest/tickets.parquet" in doc["stages"]["prepare"]["deps"]
+
+
+@pytest.mark.integration
+def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
+    first = run_cli(["repro"], cwd=project, tool="dvc")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'ingest'" in first.stdout and "Running stage 'prepare'" in first.stdout
+    out = project / "artifacts" / "support-triage"
+    assert json.loads((out / "prepare" / "metrics.json").read_text())["n_test"] > 0
+
+    second = run_cli(["repro"], cwd=project, tool="dvc")
+    assert second.returncode == 0
+    assert "Running stage" not in second.stdout
+    assert "Stage 'ingest' didn't change, skipping" in second.stdout
+    assert "Stage 'prepare' didn't change, skipping" in second.stdout
+
+    # A prepare parameter re-runs prepare only.
+    spec = project / "pipelines.yaml"
+    spec.write_text(spec.read_text().replace("split_salt: tessera-v1", "split_salt: tessera-v2"))
+    third = run_cli(["repro"], cwd=project, tool="dvc")
+    assert third.returncode == 0, third.stderr
+    assert "Stage 'ingest' didn't change, skipping" in third.stdout
+    assert "Running stage 'prepare'" in third.stdout
+
+    # An ingest parameter re-runs ingest and everything after it.
+    spec.write_text(spec.read_text().replace("seed: 7 ", "seed: 8 "))
+    fourth = run_cli(["repro"], cwd=project, tool="dvc")
+    assert fourth.returncode == 0, fourth.stderr
+    assert "Running stage 'ingest'" in fourth.stdout and "Running stage 'prepare'" in fourth.stdout
+    assert "seed: 8 " in spec.read_text()
