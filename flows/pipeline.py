@@ -4,6 +4,8 @@ What runs: the stages listed under ``pipelines.<name>.stages`` (or a --from/--un
 slice of them). Where: in-process, on an ephemeral Prefect server with its SQLite
 database in the state folder, or on the server named by ``services.prefect.api_url``.
 Retries: ``pipelines.<name>.retries.<stage>``. Each stage leaves a Markdown artifact.
+The parameters are plain JSON (a spec path and overrides), so the same flow can be
+deployed to a Prefect server and started from its UI.
 """
 from __future__ import annotations
 
@@ -13,16 +15,17 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from llmops.runner import execute_stage
-from llmops.spec import Spec
+from llmops.runner import execute_stage, select_stages
+from llmops.spec import load_spec
 
 
 @task(task_run_name="{stage}")
-def run_stage(spec: Spec, root: str, pipeline: str, stage: str) -> dict[str, str]:
+def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str) -> dict[str, str]:
     """One stage: the same function `llmops stage` and dvc.yaml call."""
     logger = get_run_logger()
+    spec = load_spec(spec_file, overrides, pipeline)
     logger.info("stage %s: started", stage)
-    result = execute_stage(spec, Path(root), pipeline, stage)
+    result = execute_stage(spec, Path(spec_file).resolve().parent, pipeline, stage)
     outputs = {name: str(path) for name, path in result.outputs.items()}
     listing = "\n".join(f"- `{name}`: `{path}`" for name, path in outputs.items())
     create_markdown_artifact(key=_artifact_key(pipeline, stage),
@@ -32,15 +35,19 @@ def run_stage(spec: Spec, root: str, pipeline: str, stage: str) -> dict[str, str
     return outputs
 
 
-@flow(name="llmops-pipeline", flow_run_name="{pipeline}", log_prints=True)
-def pipeline_flow(spec: Spec, root: str, pipeline: str, stages: list[str]) -> dict[str, dict[str, str]]:
-    """Run ``stages`` of ``pipeline`` in order; returns stage -> output name -> path."""
-    pipe = spec.pipelines[pipeline]
+@flow(name="llmops-pipeline", flow_run_name="{pipeline}")
+def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None, start: str | None = None,
+                  until: str | None = None, overrides: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Run ``pipeline`` (default: the spec's default) from ``start`` to ``until``; returns
+    stage -> output name -> path."""
+    overrides = list(overrides or [])
+    spec = load_spec(spec_file, overrides, pipeline)
+    name, pipe = spec.pipeline(pipeline)
     outputs: dict[str, dict[str, str]] = {}
-    for stage in stages:
+    for stage in select_stages(pipe.stages, start, until):
         shell = run_stage.with_options(retries=pipe.retries.get(stage, 0),
                                        retry_delay_seconds=pipe.retry_delay_s)
-        outputs[stage] = shell(spec, root, pipeline, stage)
+        outputs[stage] = shell(str(spec_file), overrides, name, stage)
     return outputs
 
 

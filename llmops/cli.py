@@ -78,7 +78,8 @@ def run(
 
     started = time.perf_counter()
     try:
-        outputs = pipeline_flow(spec=spec, root=str(_root(file)), pipeline=name, stages=stages)
+        outputs = pipeline_flow(spec_file=str(file.resolve()), pipeline=name, start=start, until=until,
+                                overrides=list(overrides or []))
     except (StageError, ModelError, SpecError) as exc:
         _fail(str(exc), code=1)
     _print_outputs(name, outputs, time.perf_counter() - started)
