@@ -121,6 +121,7 @@ def _read_folder(folder: Path, label: str) -> dict[str, pd.DataFrame]:
         missing = [c for c in required if c not in df.columns]
         if missing:
             raise StageError(f"{shown}: missing column(s) {', '.join(missing)}")
+        _refuse_mixed_types(df, shown)
         if name in TIME_COLUMNS:
             col = TIME_COLUMNS[name]
             parsed = pd.to_datetime(df[col], utc=True, errors="coerce")
@@ -131,6 +132,17 @@ def _read_folder(folder: Path, label: str) -> dict[str, pd.DataFrame]:
             df[col] = parsed
         tables[name] = df
     return tables
+
+
+def _refuse_mixed_types(df: pd.DataFrame, shown: str) -> None:
+    """A column holding both text and numbers cannot be stored or checked; say where."""
+    for col in df.columns[df.dtypes == object]:
+        kinds = df[col].dropna().map(lambda v: type(v).__name__)
+        if kinds.nunique() > 1:
+            main = kinds.mode()[0]
+            odd = kinds[kinds != main].index[0]
+            raise StageError(f"{shown}: row {odd + 1}: column {col}: {kinds[odd]} value {df[col][odd]!r} "
+                             f"in a column of {main} values ({(kinds != main).sum()} such rows)")
 
 
 def _read_parquet(path: Path, shown: str) -> pd.DataFrame:

@@ -114,3 +114,13 @@ def test_unparseable_timestamp(raw):
 def test_missing_folder(tmp_path):
     with pytest.raises(StageError, match="folder .* does not exist"):
         read_tables(str(tmp_path / "nope"))
+
+
+def test_mixed_types_in_a_column(raw):
+    lines = (raw / "tickets.jsonl").read_text().splitlines()
+    row = json.loads(lines[4])
+    row["subject"] = 12345
+    lines[4] = json.dumps(row)
+    (raw / "tickets.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(StageError, match=r"tickets.jsonl: row 5: column subject: int value 12345 in a column of str"):
+        read_tables(str(raw))
