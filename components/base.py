@@ -32,7 +32,9 @@ class StageIO:
     ``inputs`` maps each stage this one needs to that stage's output folder;
     ``out_dir`` is this stage's own folder (``artifacts/<pipeline>/<stage>/``);
     ``state_dir`` holds local state shared by stages (models, caches);
-    ``s3_endpoint_url`` points boto3 at an S3-compatible server (None: AWS itself).
+    ``s3_endpoint_url`` points boto3 at an S3-compatible server (None: AWS itself);
+    ``sections`` holds other spec sections the stage declared it reads (e.g. validate
+    reads prepare's split rule); ``models`` is the spec's model catalog.
     """
 
     pipeline: str
@@ -40,6 +42,8 @@ class StageIO:
     inputs: dict[str, Path] = field(default_factory=dict)
     state_dir: Path = Path(".llmops")
     s3_endpoint_url: str | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def answer_json(row: dict) -> str:
 def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
     """Write train/validation/test JSONL files and ``splits.json`` (counts and hashes).
     Raises StageError when tickets lack gold labels (they cannot be trained on)."""
-    src = io.inputs["ingest"]
+    src = io.inputs["validate"]
     tickets = pd.read_parquet(src / "tickets.parquet")
     profiles = pd.read_parquet(src / "customer_profiles.parquet")
     unlabelled = tickets[tickets[list(LABELS)].isna().any(axis=1)]

@@ -9,14 +9,34 @@ deployed to a Prefect server and started from its UI.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from components.base import StageError
+from components.models import ModelError
 from llmops.runner import execute_stage, select_stages
-from llmops.spec import load_spec
+from llmops.spec import SpecError, load_spec
+
+EXPECTED_ERRORS = (StageError, ModelError, SpecError)
+
+
+class _NoTracebackForInputErrors(logging.Filter):
+    """Errors about the input (bad data, bad spec, missing model) are explained by their
+    message; Prefect would log them with a traceback that only hides it. Bugs keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED_ERRORS):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_NoTracebackForInputErrors())
 
 
 @task(task_run_name="{stage}")

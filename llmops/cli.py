@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from components.base import StageError
@@ -27,8 +28,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(dvc_app, name="dvc")
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 SpecFile = Annotated[Path, typer.Option("--file", "-f", envvar="LLMOPS_SPEC",
                                         help="The spec file.", show_default=True)]
@@ -40,7 +41,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -188,7 +189,7 @@ def models_list(file: SpecFile = Path(DEFAULT_SPEC)) -> None:
         try:
             where = resolve(name, spec.models, spec.state_dir(_root(file)))
         except ModelError as exc:
-            where = f"[yellow]{exc}[/]"
+            where = f"[yellow]{escape(str(exc))}[/]"
         table.add_row(name, source.kind, where)
     out.print(table)
 
@@ -241,7 +242,7 @@ def dvc_check(file: SpecFile = Path(DEFAULT_SPEC),
     spec = _load(file, None, None)
     problems = dvcfile.check(spec, dvc_file, file.name)
     for problem in problems:
-        console.print(f"[red]{problem}[/]", highlight=False)
+        console.print(f"[red]{escape(problem)}[/]", highlight=False)
     if problems:
         _fail("dvc.yaml is out of date; run `llmops dvc generate`", code=1)
     out.print(f"{dvc_file} agrees with {file}")

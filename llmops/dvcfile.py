@@ -33,9 +33,9 @@ def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = 
         stages[stage] = {
             "cmd": cmd,
             "deps": deps,
-            "params": [{spec_file: [f"pipelines.{name}.{stage}"]}],
-            "outs": [str(folder / f) for f in definition.outputs],
-            "metrics": [{str(folder / METRICS_FILE): {"cache": False}}],
+            "params": [{spec_file: [f"pipelines.{name}.{s}" for s in (stage, *definition.reads)]}],
+            "outs": [str(folder / f) for f in definition.outputs if f not in definition.metrics],
+            "metrics": [{str(folder / m): {"cache": False}} for m in (METRICS_FILE, *definition.metrics)],
         }
     return {"stages": stages}
 

@@ -3,7 +3,9 @@ and `llmops stage` (what dvc.yaml calls).
 
 A stage writes into ``<artifacts>/<pipeline>/<stage>.partial/`` and that folder replaces
 ``<artifacts>/<pipeline>/<stage>/`` only when the stage succeeded, so a failed run never
-leaves a half-written stage folder where the next stage (or DVC) would read it.
+leaves a half-written stage folder where the next stage (or DVC) would read it. When a
+stage fails on its input, what it wrote (e.g. validation reports) is kept in
+``<stage>.failed/`` for a person to read.
 """
 from __future__ import annotations
 
@@ -56,12 +58,23 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str) -> StageRes
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     io = StageIO(pipeline=pipeline, out_dir=partial, inputs=inputs, state_dir=spec.state_dir(root),
-                 s3_endpoint_url=spec.services.storage.s3_endpoint_url)
+                 s3_endpoint_url=spec.services.storage.s3_endpoint_url,
+                 sections={key.split(".")[0]: pipe.section(key.split(".")[0]) for key in definition.reads}, models=dict(spec.models))
+    failed = final.with_name(final.name + ".failed")
     try:
         result = definition.run(pipe.section(stage), io)
+    except StageError as exc:
+        # Keep what the failed run wrote (reports, Data Docs) for a person to read.
+        shutil.rmtree(failed, ignore_errors=True)
+        if any(partial.iterdir()):
+            partial.rename(failed)
+            raise StageError(f"{exc}\n(outputs of the failed run: {failed})") from exc
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    shutil.rmtree(failed, ignore_errors=True)
     write_json(partial / METRICS_FILE, result.metrics)
     undeclared = [f for f in definition.outputs if not (partial / f).exists()]
     if undeclared:

@@ -19,6 +19,7 @@ from components.base import StrictModel
 from components.ingest import IngestSpec
 from components.models import ModelSource
 from components.prepare import PrepareSpec
+from components.validate import ValidateSpec
 from llmops.stages import STAGES
 
 DEFAULT_SPEC = "pipelines.yaml"
@@ -61,7 +62,10 @@ class PipelineSpec(StrictModel):
     retries: dict[str, Annotated[int, Field(ge=0)]] = {}
     retry_delay_s: float = Field(10.0, ge=0)
     ingest: IngestSpec = IngestSpec()
+    validate_: ValidateSpec = Field(ValidateSpec(), alias="validate")  # `validate` is taken by pydantic
     prepare: PrepareSpec = PrepareSpec()
+
+    model_config = {**StrictModel.model_config, "populate_by_name": True}
 
     @field_validator("stages")
     @classmethod
@@ -89,7 +93,8 @@ class PipelineSpec(StrictModel):
         return retries
 
     def section(self, stage: str) -> BaseModel:
-        return getattr(self, stage)
+        """The config section of ``stage`` (field names may carry a trailing _ for aliases)."""
+        return getattr(self, stage if stage in type(self).model_fields else f"{stage}_")
 
 
 class Spec(StrictModel):
@@ -229,7 +234,8 @@ def format_errors(exc: ValidationError, raw: dict, text: str, label: str, touche
         dotted = ".".join(str(k) for k in keys)
         line = lines_by_path.get(tuple(str(k) for k in keys))
         where = f"{label}:{line}" if line else label
-        origin = " (from --set)" if any(dotted == t or dotted.startswith(t + ".") for t in touched) else ""
+        origin = " (from --set)" if any(dotted == t or dotted.startswith(t + ".") or t.startswith(dotted + ".")
+                                        for t in touched) else ""
         out.append(f"{where}: {dotted or '(top)'}: {_describe(err, keys, raw)}{origin}")
     return "\n".join(out)
 
@@ -283,7 +289,7 @@ def _allowed_keys(keys: list, raw: dict) -> list[str]:
     for k in keys:
         tp = _pick_model(tp, node)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(str(k))
+            field = _fields_by_key(tp).get(str(k))
             if field is None:
                 return []
             tp = field.annotation
@@ -292,7 +298,12 @@ def _allowed_keys(keys: list, raw: dict) -> list[str]:
             tp = args[-1] if args else None
         node = node.get(k) if isinstance(node, dict) else None
     tp = _pick_model(tp, node)
-    return sorted(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+    return sorted(_fields_by_key(tp)) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _fields_by_key(model: type[BaseModel]) -> dict:
+    """A model's fields by the key users write (the alias where there is one)."""
+    return {(f.alias or name): f for name, f in model.model_fields.items()}
 
 
 def _pick_model(tp: Any, node: Any) -> Any:
@@ -340,4 +351,4 @@ def json_schema() -> dict:
 
 def dump(spec: Spec) -> str:
     """The resolved spec as YAML (defaults filled in, env and overrides applied)."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from components import ingest, prepare
+from components import ingest, prepare, validate
 from components.base import StageIO, StageResult
 
 
@@ -20,13 +20,19 @@ class Stage:
     outputs: tuple[str, ...]  # files it writes in its folder (DVC outs)
     code: tuple[str, ...]  # source files it depends on (DVC deps)
     doc: str
+    reads: tuple[str, ...] = ()  # other spec keys it reads, e.g. "prepare.split" (DVC params; the
+    #                              section they sit in is passed in io.sections)
+    metrics: tuple[str, ...] = ()  # report files in its folder that DVC shows as metrics
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", ingest.run, (), ingest.OUTPUTS,
           ("components/ingest.py", "components/generate.py"),
           "bring raw tickets, customers, profiles and articles into the run folder"),
-    Stage("prepare", prepare.run, ("ingest",), prepare.OUTPUTS, ("components/prepare.py",),
+    Stage("validate", validate.run, ("ingest",), validate.OUTPUTS, ("components/validate.py",),
+          "Great Expectations checks; stop or quarantine before training", reads=("prepare.split", "prepare.split_salt"),
+          metrics=("validation.json",)),
+    Stage("prepare", prepare.run, ("validate",), prepare.OUTPUTS, ("components/prepare.py",),
           "point-in-time profile join, chat-formatted examples, hashed train/validation/test splits"),
 )}
 

@@ -64,4 +64,17 @@ def project(tmp_path: Path) -> Path:
     assert "n_tickets: 2000" in text
     spec.write_text(text.replace("n_tickets: 2000", "n_tickets: 300"))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    # Models are provisioned state (as `make setup` leaves it): share the repo's.
+    (dest / ".llmops").mkdir()
+    (dest / ".llmops" / "models").symlink_to(provisioned_models())
     return dest
+
+
+def provisioned_models() -> Path:
+    """The repo's provisioned model folder, pulling the base model first if needed."""
+    from components.models import pull
+    from llmops.spec import load_spec
+
+    spec = load_spec(REPO / "pipelines.yaml", env={})
+    pull("smollm2-135m-instruct", spec.models["smollm2-135m-instruct"], spec.state_dir(REPO))
+    return spec.state_dir(REPO) / "models"

@@ -16,7 +16,7 @@ def _run_prepare(tmp_path, data, cfg=PrepareSpec()):
     ingest_dir = tmp_path / "ingest"
     data.write(ingest_dir)
     out = tmp_path / "prepare"
-    return run(cfg, StageIO(pipeline="t", out_dir=out, inputs={"ingest": ingest_dir})), out
+    return run(cfg, StageIO(pipeline="t", out_dir=out, inputs={"validate": ingest_dir})), out
 
 
 def test_split_is_a_function_of_the_ticket_id():

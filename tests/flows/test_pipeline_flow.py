@@ -2,6 +2,7 @@
 ephemeral server with its database inside the project's state folder."""
 from __future__ import annotations
 
+import copy
 import json
 import sqlite3
 
@@ -32,8 +33,9 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
         states = dict(con.execute("select name, state_type from task_run").fetchall())
         artifacts = {k for (k,) in con.execute("select key from artifact where type = 'markdown'")}
         flow_states = [s for (s,) in con.execute("select state_type from flow_run")]
-    assert states == {"ingest": "COMPLETED", "prepare": "COMPLETED"}
-    assert artifacts == {"support-triage-ingest", "support-triage-prepare"}
+    assert states == {"ingest": "COMPLETED", "validate": "COMPLETED", "prepare": "COMPLETED"}
+    assert artifacts == {"support-triage-ingest", "support-triage-validate", "support-triage-prepare"}
+    assert json.loads((out / "validate" / "validation.json").read_text())["success"] is True
     assert flow_states == ["COMPLETED"]
 
     # --from prepare reuses ingest's outputs; an override changes only what it names
@@ -47,8 +49,8 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
 def test_from_a_stage_whose_inputs_are_missing_fails_clearly(project):
     proc = run_cli(["run", "--from", "prepare"], cwd=project)
     assert proc.returncode == 1
-    assert "stage 'prepare' needs the outputs of 'ingest'" in proc.stderr
-    assert "llmops run --until ingest" in proc.stderr
+    assert "stage 'prepare' needs the outputs of 'validate'" in proc.stderr
+    assert "llmops run --until validate" in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()
 
 
@@ -67,4 +69,33 @@ def test_failing_stage_keeps_the_previous_outputs(project):
 def test_bad_stage_selection(project):
     proc = run_cli(["run", "--until", "finetune"], cwd=project)
     assert proc.returncode == 2
-    assert "--until 'finetune': not a stage of this pipeline (stages: ingest, prepare)" in proc.stderr
+    assert "--until 'finetune': not a stage of this pipeline (stages: ingest, validate, prepare)" in proc.stderr
+
+
+def write_bad_dataset(folder, data):
+    """The demo tables as JSONL, with an unknown intent and a ticket from an unknown customer."""
+    folder.mkdir(parents=True)
+    data = copy.deepcopy(data)
+    data.tickets.loc[3, "intent"] = "complaint"
+    data.tickets.loc[4, "customer_id"] = "CUST-0999"
+    for name in data.TABLES:
+        getattr(data, name).to_json(folder / f"{name}.jsonl", orient="records", lines=True, date_format="iso")
+    return folder
+
+
+def test_bad_data_stops_the_flow_at_validate(project, demo_small):
+    bad = write_bad_dataset(project / "incoming", demo_small)
+    proc = run_cli(["run", "--set", f"ingest.source={{kind: files, uri: {bad}}}"], cwd=project)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = project / "artifacts" / "support-triage"
+    assert not (out / "prepare").exists() and not (out / "validate").exists()
+    report = json.loads((out / "validate.failed" / "validation.json").read_text())
+    assert report["failed_errors"] == 2 and report["rows_in"] == 300
+    assert (out / "validate.failed" / "data_docs" / "index.html").exists()
+    db = project / ".llmops" / "prefect" / "prefect.db"
+    with sqlite3.connect(db) as con:
+        states = dict(con.execute("select name, state_type from task_run").fetchall())
+    assert states == {"ingest": "COMPLETED", "validate": "FAILED"}
+    assert not (project / ".llmops" / "mlflow").exists()  # nothing trained or registered

@@ -37,14 +37,19 @@ def test_check_reports_each_disagreement(tmp_path):
 def test_stage_params_are_only_the_keys_it_reads():
     doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
     assert doc["stages"]["prepare"]["params"] == [{"pipelines.yaml": ["pipelines.support-triage.prepare"]}]
-    assert "artifacts/support-triage/ingest/tickets.parquet" in doc["stages"]["prepare"]["deps"]
+    assert "artifacts/support-triage/validate/tickets.parquet" in doc["stages"]["prepare"]["deps"]
+    assert doc["stages"]["validate"]["params"] == [{"pipelines.yaml": [
+        "pipelines.support-triage.validate", "pipelines.support-triage.prepare.split",
+        "pipelines.support-triage.prepare.split_salt"]}]
+    assert {"artifacts/support-triage/validate/validation.json": {"cache": False}} in doc["stages"]["validate"]["metrics"]
 
 
 @pytest.mark.integration
 def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     first = run_cli(["repro"], cwd=project, tool="dvc")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "Running stage 'ingest'" in first.stdout and "Running stage 'prepare'" in first.stdout
+    for stage in ("ingest", "validate", "prepare"):
+        assert f"Running stage '{stage}'" in first.stdout
     out = project / "artifacts" / "support-triage"
     assert json.loads((out / "prepare" / "metrics.json").read_text())["n_test"] > 0
 
@@ -52,15 +57,23 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Stage 'ingest' didn't change, skipping" in second.stdout
+    assert "Stage 'validate' didn't change, skipping" in second.stdout
     assert "Stage 'prepare' didn't change, skipping" in second.stdout
 
-    # A prepare parameter re-runs prepare only.
+    # A prompt parameter re-runs prepare only.
     spec = project / "pipelines.yaml"
+    spec.write_text(spec.read_text().replace("Customer plan: {plan}", "Plan: {plan}"))
+    prompt = run_cli(["repro"], cwd=project, tool="dvc")
+    assert prompt.returncode == 0, prompt.stderr
+    assert "Stage 'validate' didn't change, skipping" in prompt.stdout
+    assert "Running stage 'prepare'" in prompt.stdout
+
+    # The split salt is read by validate too (leakage check), so both re-run.
     spec.write_text(spec.read_text().replace("split_salt: tessera-v1", "split_salt: tessera-v2"))
     third = run_cli(["repro"], cwd=project, tool="dvc")
     assert third.returncode == 0, third.stderr
     assert "Stage 'ingest' didn't change, skipping" in third.stdout
-    assert "Running stage 'prepare'" in third.stdout
+    assert "Running stage 'validate'" in third.stdout and "Running stage 'prepare'" in third.stdout
 
     # An ingest parameter re-runs ingest and everything after it.
     spec.write_text(spec.read_text().replace("seed: 7 ", "seed: 8 "))
@@ -68,3 +81,21 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     assert fourth.returncode == 0, fourth.stderr
     assert "Running stage 'ingest'" in fourth.stdout and "Running stage 'prepare'" in fourth.stdout
     assert "seed: 8 " in spec.read_text()
+
+
+@pytest.mark.integration
+def test_repro_stops_at_validate_on_bad_data(project, demo_small):
+    from tests.flows.test_pipeline_flow import write_bad_dataset
+
+    bad = write_bad_dataset(project / "incoming", demo_small)
+    spec = project / "pipelines.yaml"
+    text = spec.read_text()
+    start = text.index("        kind: generate")
+    end = text.index("        seed: 7")
+    spec.write_text(text[:start] + f"        kind: files\n        uri: {bad}\n" + text[text.index("\n", end) + 1:])
+    proc = run_cli(["repro"], cwd=project, tool="dvc")
+    assert proc.returncode != 0
+    assert "Running stage 'ingest'" in proc.stdout and "Running stage 'validate'" in proc.stdout
+    assert "Running stage 'prepare'" not in proc.stdout
+    assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
+    assert not (project / "artifacts" / "support-triage" / "prepare").exists()
