@@ -34,7 +34,8 @@ class StageIO:
     ``state_dir`` holds local state shared by stages (models, caches);
     ``s3_endpoint_url`` points boto3 at an S3-compatible server (None: AWS itself);
     ``sections`` holds other spec sections the stage declared it reads (e.g. validate
-    reads prepare's split rule); ``models`` is the spec's model catalog.
+    reads prepare's split rule); ``models`` is the spec's model catalog;
+    ``feature_repo`` is the Feast repository folder.
     """
 
     pipeline: str
@@ -44,6 +45,7 @@ class StageIO:
     s3_endpoint_url: str | None = None
     sections: dict[str, Any] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
+    feature_repo: Path = Path("feature_repo")
 
 
 @dataclass

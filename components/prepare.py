@@ -1,10 +1,12 @@
 """prepare: deterministic train/validation/test splits of chat-formatted examples.
 
-Each ticket is joined with its customer's profile *as of the ticket's time* (the latest
-snapshot at or before ``created_at``: a later plan change must not leak into training),
-rendered with the spec's prompt template into a chat (system, user, assistant), and
-assigned to a split by a hash of its ticket id, so a ticket keeps its split when data is
-added or reordered. Each split file is written with its SHA-256 beside it.
+Each ticket gets its customer's profile *as of the ticket's time* from Feast
+(``get_historical_features``: a later plan change must not leak into training) and the
+top-k help-center articles for its text from the vector store; both are rendered with the
+spec's prompt template into a chat (system, user, assistant). The ticket goes to a split
+by a hash of its id, so it keeps its split when data is added or reordered. Each split
+file is written with its SHA-256 beside it. Serving builds prompts with the same
+:func:`build_messages` (see components/features.py: online_context).
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from components.base import StageError, StageIO, StageResult, StrictModel, file_
 SPLITS = ("train", "validation", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("splits.json",)
 LABELS = ("intent", "priority", "article_id")
-PROFILE_FIELDS = ("plan", "tenure_days", "open_tickets_30d")
+PROFILE_FIELDS = ("plan", "tenure_days", "open_tickets_30d", "seats")
 # Placeholders a prompt template may use.
-TEMPLATE_FIELDS = ("ticket_id", "customer_id", "created_at", "channel", "subject", "body") + PROFILE_FIELDS
+TEMPLATE_FIELDS = ("ticket_id", "customer_id", "created_at", "channel", "subject", "body") + PROFILE_FIELDS + (
+    "articles",)
 
 DEFAULT_SYSTEM = (
     "You triage support tickets for Tessera. Reply with one JSON object and nothing else: "
@@ -31,7 +34,7 @@ DEFAULT_SYSTEM = (
 )
 DEFAULT_TEMPLATE = (
     "Channel: {channel}\nCustomer plan: {plan} | tenure: {tenure_days} days | "
-    "open tickets (30 d): {open_tickets_30d}\nSubject: {subject}\n\n{body}"
+    "open tickets (30 d): {open_tickets_30d}\nSubject: {subject}\n\n{body}\n\nCandidate articles:\n{articles}"
 )
 
 
@@ -74,30 +77,25 @@ def split_of(ticket_id: str, fractions: SplitFractions, salt: str) -> str:
     return "validation" if u < fractions.train + fractions.validation else "test"
 
 
-def profiles_as_of(tickets: pd.DataFrame, profiles: pd.DataFrame) -> pd.DataFrame:
-    """Tickets with the profile columns of the latest snapshot at or before ``created_at``
-    (point-in-time join). Tickets older than their customer's first snapshot get nulls."""
-    # Sources differ in time units (ms from JSON, ns from pandas); merge_asof needs one.
-    utc_ns = "datetime64[ns, UTC]"
-    left = tickets.assign(_order=range(len(tickets)),
-                          created_at=pd.to_datetime(tickets.created_at, utc=True).astype(utc_ns))
-    left = left.sort_values("created_at")
-    right = profiles[["customer_id", "event_timestamp", *PROFILE_FIELDS]].assign(
-        event_timestamp=pd.to_datetime(profiles.event_timestamp, utc=True).astype(utc_ns))
-    right = right.sort_values("event_timestamp")
-    joined = pd.merge_asof(left, right, left_on="created_at", right_on="event_timestamp",
-                           by="customer_id", direction="backward")
-    return joined.sort_values("_order").drop(columns=["_order", "event_timestamp"]).reset_index(drop=True)
+def ticket_text(ticket: dict) -> str:
+    """The text retrieval searches with: subject and body."""
+    return f"{ticket.get('subject') or ''}\n{ticket.get('body') or ''}"
 
 
-def build_messages(row: dict, cfg: PrepareSpec) -> list[dict[str, str]]:
-    """The system + user messages for one ticket (with profile fields); the prompt the model
-    sees in training, evaluation and serving alike."""
+def render_articles(articles: list[dict]) -> str:
+    return "\n".join(f"- {a['article_id']}: {a['title']}" for a in articles) or "- (none found)"
+
+
+def build_messages(row: dict, cfg: PrepareSpec, articles: list[dict] | None = None) -> list[dict[str, str]]:
+    """The system + user messages for one ticket: its fields, the customer's profile and the
+    retrieved articles, through the spec's template. Training, evaluation and serving all
+    build prompts here, so they cannot drift apart."""
     fields = {k: ("unknown" if row.get(k) is None or row.get(k) != row.get(k) else row[k])
-              for k in TEMPLATE_FIELDS}
-    for k in ("tenure_days", "open_tickets_30d"):
+              for k in TEMPLATE_FIELDS if k != "articles"}
+    for k in ("tenure_days", "open_tickets_30d", "seats"):
         if isinstance(fields[k], float):
             fields[k] = int(fields[k])
+    fields["articles"] = render_articles(articles or [])
     return [{"role": "system", "content": cfg.system_prompt},
             {"role": "user", "content": cfg.user_template.format(**fields)}]
 
@@ -110,26 +108,36 @@ def answer_json(row: dict) -> str:
 def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
     """Write train/validation/test JSONL files and ``splits.json`` (counts and hashes).
     Raises StageError when tickets lack gold labels (they cannot be trained on)."""
+    from components.features import Embedder, FeaturesSpec, Retriever, historical_profiles, open_store
+
     src = io.inputs["validate"]
     tickets = pd.read_parquet(src / "tickets.parquet")
-    profiles = pd.read_parquet(src / "customer_profiles.parquet")
     unlabelled = tickets[tickets[list(LABELS)].isna().any(axis=1)]
     if len(unlabelled):
         raise StageError(f"{src / 'tickets.parquet'}: {len(unlabelled)} ticket(s) lack a gold label "
                          f"({', '.join(LABELS)}), e.g. {', '.join(unlabelled.ticket_id.head(3))}")
-    joined = profiles_as_of(tickets, profiles)
+    features_cfg: FeaturesSpec = io.sections.get("features", FeaturesSpec())
+    store = open_store(io.feature_repo, io.state_dir, io.pipeline)
+    profiles = historical_profiles(store, tickets)
+    joined = pd.concat([tickets.reset_index(drop=True), profiles], axis=1)
+    embedder = Embedder(features_cfg.embedding_model, io.models, io.state_dir, features_cfg.batch_size)
+    rows = joined.to_dict("records")
+    retrieved = Retriever(store, embedder, features_cfg.top_k).search([ticket_text(r) for r in rows])
     buckets: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for row in joined.to_dict("records"):
-        row["created_at"] = row["created_at"].isoformat()
+    hits: dict[str, list[bool]] = {s: [] for s in SPLITS}
+    for row, articles in zip(rows, retrieved):
+        row["created_at"] = pd.Timestamp(row["created_at"]).isoformat()
+        split = split_of(row["ticket_id"], cfg.split, cfg.split_salt)
         example = {
             "ticket_id": row["ticket_id"],
-            "messages": build_messages(row, cfg) + [{"role": "assistant", "content": answer_json(row)}],
+            "messages": build_messages(row, cfg, articles) + [{"role": "assistant", "content": answer_json(row)}],
             "labels": {k: row[k] for k in LABELS},
+            "retrieved": [a["article_id"] for a in articles],
             "meta": {"channel": row["channel"], "plan": _none_if_nan(row["plan"]),
                      "customer_id": row["customer_id"], "created_at": row["created_at"]},
         }
-        buckets[split_of(row["ticket_id"], cfg.split, cfg.split_salt)].append(
-            json.dumps(example, ensure_ascii=False, sort_keys=True))
+        buckets[split].append(json.dumps(example, ensure_ascii=False, sort_keys=True))
+        hits[split].append(row["article_id"] in example["retrieved"])
     io.out_dir.mkdir(parents=True, exist_ok=True)
     outputs, manifest = {}, {}
     for split in SPLITS:
@@ -142,10 +150,18 @@ def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
         manifest[split] = {"examples": len(buckets[split]), "sha256": file_sha256(path)}
     outputs["splits"] = write_json(io.out_dir / "splits.json", manifest)
     no_profile = int(joined["plan"].isna().sum())
-    metrics = {f"n_{s}": manifest[s]["examples"] for s in SPLITS} | {"n_without_profile": no_profile}
-    rows = [{"split": s, "examples": m["examples"], "sha256": m["sha256"][:12]} for s, m in manifest.items()]
-    summary = (f"### prepare\n{len(joined)} tickets -> chat examples (profile as of ticket time; "
-               f"{no_profile} without a profile)\n\n" + markdown_table(rows))
+    all_hits = [h for s in SPLITS for h in hits[s]]
+    k = features_cfg.top_k
+    metrics = {f"n_{s}": manifest[s]["examples"] for s in SPLITS} | {
+        "n_without_profile": no_profile,
+        f"retrieval_recall_at_{k}": round(sum(all_hits) / len(all_hits), 4),
+        **{f"retrieval_recall_at_{k}_{s}": round(sum(hits[s]) / len(hits[s]), 4) for s in SPLITS if hits[s]},
+    }
+    table = [{"split": s, "examples": m["examples"], "sha256": m["sha256"][:12],
+              f"recall@{k}": f"{sum(hits[s]) / max(len(hits[s]), 1):.3f}"} for s, m in manifest.items()]
+    summary = (f"### prepare\n{len(joined)} tickets -> chat examples with the profile as of the ticket's time "
+               f"(Feast; {no_profile} without a profile) and the top {k} retrieved articles "
+               f"(recall@{k} {metrics[f'retrieval_recall_at_{k}']:.3f}).\n\n" + markdown_table(table))
     return StageResult(outputs=outputs, metrics=metrics, summary=summary)
 
 

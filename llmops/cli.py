@@ -23,10 +23,13 @@ config_app = typer.Typer(help="Check, show and describe pipelines.yaml.", no_arg
 models_app = typer.Typer(help="Provision the models named in the spec's `models` catalog.", no_args_is_help=True)
 data_app = typer.Typer(help="Demo data: generate support tickets, customers and articles.", no_args_is_help=True)
 dvc_app = typer.Typer(help="Keep dvc.yaml in step with pipelines.yaml.", no_args_is_help=True)
+features_app = typer.Typer(help="Feast: register definitions, embed articles, load the online store.",
+                           no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(dvc_app, name="dvc")
+app.add_typer(features_app, name="features")
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -218,6 +221,74 @@ def data_generate(
         paths = data.write(out_dir)
     for name, path in paths.items():
         out.print(f"{name:<18} {len(getattr(data, name)):>6} rows  {path}")
+
+
+# ---------------------------------------------------------------- features
+
+def _feast(file: Path, pipeline: str | None):
+    from llmops.runner import configure_environment, stage_dir
+
+    spec = _load(file, None, pipeline)
+    name, pipe = spec.pipeline(pipeline)
+    configure_environment(spec, _root(file))
+    return spec, name, pipe, (_root(file) / spec.services.feast.repo).resolve(), stage_dir(spec, _root(file), name, "features")
+
+
+@features_app.command("apply")
+def features_apply(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None) -> None:
+    """`feast apply`: register the entities, feature views and feature service of feature_repo/."""
+    from components import features
+
+    spec, name, _, repo, _ = _feast(file, pipeline)
+    try:
+        store = features.open_store(repo, spec.state_dir(_root(file)), name, require_registry=False)
+        features.apply(store, repo)
+    except StageError as exc:
+        _fail(str(exc), code=1)
+    out.print(f"applied {repo} -> registry {features.feast_state(spec.state_dir(_root(file)), name) / 'registry.db'}")
+
+
+@features_app.command("embed")
+def features_embed(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None) -> None:
+    """Embed the validated articles (skipping those whose text is unchanged) and publish them."""
+    import pandas as pd
+
+    from components import features
+    from llmops.runner import stage_dir
+
+    spec, name, pipe, repo, out_dir = _feast(file, pipeline)
+    articles_file = stage_dir(spec, _root(file), name, "validate") / "articles.parquet"
+    if not articles_file.exists():
+        _fail(f"{articles_file} is missing; run `llmops run --until validate` first", code=1)
+    state = features.feast_state(spec.state_dir(_root(file)), name)
+    tickets = pd.read_parquet(articles_file.with_name("tickets.parquet"), columns=["created_at"])
+    with console.status("embedding articles..."):
+        embedder = features.Embedder(pipe.features.embedding_model, dict(spec.models), spec.state_dir(_root(file)),
+                                     pipe.features.batch_size)
+        table, embedded, reused = features.embed_articles(
+            pd.read_parquet(articles_file), embedder, state / "embedding_cache.parquet",
+            pd.to_datetime(tickets.created_at, utc=True).max())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "article_embeddings.parquet"
+    table.to_parquet(target, index=False)
+    features.publish({"article_embeddings": target}, state)
+    out.print(f"{embedded} article(s) embedded, {reused} unchanged -> {target}")
+
+
+@features_app.command("materialize")
+def features_materialize(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None) -> None:
+    """Load new feature values into the online store (incremental: since the last run)."""
+    from datetime import datetime, timezone
+
+    from components import features
+
+    spec, name, _, repo, _ = _feast(file, pipeline)
+    try:
+        store = features.open_store(repo, spec.state_dir(_root(file)), name)
+        features.materialize(store, None, datetime.now(timezone.utc))
+    except StageError as exc:
+        _fail(str(exc), code=1)
+    out.print("materialized up to now")
 
 
 # ---------------------------------------------------------------- dvc

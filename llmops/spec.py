@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from components.base import StrictModel
+from components.features import FeaturesSpec
 from components.ingest import IngestSpec
 from components.models import ModelSource
 from components.prepare import PrepareSpec
@@ -63,6 +64,7 @@ class PipelineSpec(StrictModel):
     retry_delay_s: float = Field(10.0, ge=0)
     ingest: IngestSpec = IngestSpec()
     validate_: ValidateSpec = Field(ValidateSpec(), alias="validate")  # `validate` is taken by pydantic
+    features: FeaturesSpec = FeaturesSpec()
     prepare: PrepareSpec = PrepareSpec()
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from components import ingest, prepare, validate
+from components import features, ingest, prepare, validate
 from components.base import StageIO, StageResult
 
 
@@ -32,8 +32,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("validate", validate.run, ("ingest",), validate.OUTPUTS, ("components/validate.py",),
           "Great Expectations checks; stop or quarantine before training", reads=("prepare.split", "prepare.split_salt"),
           metrics=("validation.json",)),
-    Stage("prepare", prepare.run, ("validate",), prepare.OUTPUTS, ("components/prepare.py",),
-          "point-in-time profile join, chat-formatted examples, hashed train/validation/test splits"),
+    Stage("features", features.run, ("validate",), features.OUTPUTS,
+          ("components/features.py", "feature_repo/definitions.py", "feature_repo/feature_store.yaml"),
+          "article embeddings; feast apply; materialize profiles and articles into the online store"),
+    Stage("prepare", prepare.run, ("validate", "features"), prepare.OUTPUTS,
+          ("components/prepare.py",),
+          "Feast point-in-time profiles + retrieved articles -> chat examples, hashed splits",
+          reads=("features.embedding_model", "features.top_k")),
 )}
 
 METRICS_FILE = "metrics.json"

@@ -15,13 +15,37 @@ from components import generate
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Files a project copy needs: the spec, the DVC pipeline, and the code DVC tracks as deps.
-PROJECT_FILES = ("pipelines.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "components")
+PROJECT_FILES = ("pipelines.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "components", "feature_repo")
 
 
 @pytest.fixture(scope="session")
 def demo_small() -> generate.DemoData:
     """300 tickets from 60 customers: big enough for every split, fast to build."""
     return generate.generate(n_tickets=300, n_customers=60, seed=3)
+
+
+def build_features_and_prepare(root: Path, data: generate.DemoData, prepare_cfg=None, features_cfg=None):
+    """Run the features and prepare stages on ``data`` (as validated tables) with a copy of
+    feature_repo/ and a state folder under ``root``; returns (features result, prepare result, io)."""
+    from components import features, prepare
+    from components.base import StageIO
+    from llmops.spec import load_spec
+
+    spec = load_spec(REPO / "pipelines.yaml", env={})
+    prepare_cfg = prepare_cfg or prepare.PrepareSpec()
+    features_cfg = features_cfg or features.FeaturesSpec()
+    repo = root / "feature_repo"
+    shutil.copytree(REPO / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    validated = root / "validate"
+    data.write(validated)
+    common = dict(pipeline="t", state_dir=root / "state", models=dict(spec.models), feature_repo=repo)
+    (root / "features").mkdir()
+    f_io = StageIO(out_dir=root / "features", inputs={"validate": validated}, **common)
+    f_result = features.run(features_cfg, f_io)
+    (root / "prepare").mkdir()
+    p_io = StageIO(out_dir=root / "prepare", inputs={"validate": validated, "features": root / "features"},
+                   sections={"features": features_cfg}, **common)
+    return f_result, prepare.run(prepare_cfg, p_io), p_io
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ import pytest
 from components import generate
 from components.base import file_sha256
 from components.generate import PLANS, PRIORITIES, priority_for
-from components.prepare import profiles_as_of
 
 
 def test_same_seed_gives_identical_files(tmp_path):
@@ -62,6 +61,14 @@ def test_higher_plan_never_lowers_priority():
             generate.INTENTS, (-1, 0, 1, 2), (0, 3), (5, 400)):
         ranks = [PRIORITIES.index(priority_for(intent, impact, plan, open_tickets, tenure)) for plan in PLANS]
         assert ranks == sorted(ranks), (intent, impact, open_tickets, tenure, ranks)
+
+
+def profiles_as_of(tickets: pd.DataFrame, profiles: pd.DataFrame) -> pd.DataFrame:
+    """Reference as-of join (pandas): each ticket with the latest snapshot at or before it."""
+    left = tickets.assign(_order=range(len(tickets))).sort_values("created_at")
+    joined = pd.merge_asof(left, profiles.sort_values("event_timestamp"), left_on="created_at",
+                           right_on="event_timestamp", by="customer_id", direction="backward")
+    return joined.sort_values("_order").reset_index(drop=True)
 
 
 def test_gold_priority_uses_the_profile_as_of_the_ticket():

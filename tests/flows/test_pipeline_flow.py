@@ -33,8 +33,12 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
         states = dict(con.execute("select name, state_type from task_run").fetchall())
         artifacts = {k for (k,) in con.execute("select key from artifact where type = 'markdown'")}
         flow_states = [s for (s,) in con.execute("select state_type from flow_run")]
-    assert states == {"ingest": "COMPLETED", "validate": "COMPLETED", "prepare": "COMPLETED"}
-    assert artifacts == {"support-triage-ingest", "support-triage-validate", "support-triage-prepare"}
+    assert states == {"ingest": "COMPLETED", "validate": "COMPLETED", "features": "COMPLETED",
+                      "prepare": "COMPLETED"}
+    assert artifacts == {"support-triage-ingest", "support-triage-validate", "support-triage-features",
+                         "support-triage-prepare"}
+    assert (project / ".llmops" / "feast" / "support-triage" / "registry.db").exists()
+    assert json.loads((out / "prepare" / "metrics.json").read_text())["retrieval_recall_at_3"] >= 0.99
     assert json.loads((out / "validate" / "validation.json").read_text())["success"] is True
     assert flow_states == ["COMPLETED"]
 
@@ -51,6 +55,8 @@ def test_from_a_stage_whose_inputs_are_missing_fails_clearly(project):
     assert proc.returncode == 1
     assert "stage 'prepare' needs the outputs of 'validate'" in proc.stderr
     assert "llmops run --until validate" in proc.stderr
+    proc = run_cli(["run", "--from", "features"], cwd=project)
+    assert proc.returncode == 1 and "stage 'features' needs the outputs of 'validate'" in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()
 
 
@@ -69,7 +75,7 @@ def test_failing_stage_keeps_the_previous_outputs(project):
 def test_bad_stage_selection(project):
     proc = run_cli(["run", "--until", "finetune"], cwd=project)
     assert proc.returncode == 2
-    assert "--until 'finetune': not a stage of this pipeline (stages: ingest, validate, prepare)" in proc.stderr
+    assert "--until 'finetune': not a stage of this pipeline (stages: ingest, validate, features, prepare)" in proc.stderr
 
 
 def write_bad_dataset(folder, data):

@@ -36,7 +36,9 @@ def test_check_reports_each_disagreement(tmp_path):
 
 def test_stage_params_are_only_the_keys_it_reads():
     doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
-    assert doc["stages"]["prepare"]["params"] == [{"pipelines.yaml": ["pipelines.support-triage.prepare"]}]
+    assert doc["stages"]["prepare"]["params"] == [{"pipelines.yaml": [
+        "pipelines.support-triage.prepare", "pipelines.support-triage.features.embedding_model",
+        "pipelines.support-triage.features.top_k"]}]
     assert "artifacts/support-triage/validate/tickets.parquet" in doc["stages"]["prepare"]["deps"]
     assert doc["stages"]["validate"]["params"] == [{"pipelines.yaml": [
         "pipelines.support-triage.validate", "pipelines.support-triage.prepare.split",
@@ -48,7 +50,7 @@ def test_stage_params_are_only_the_keys_it_reads():
 def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     first = run_cli(["repro"], cwd=project, tool="dvc")
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("ingest", "validate", "prepare"):
+    for stage in ("ingest", "validate", "features", "prepare"):
         assert f"Running stage '{stage}'" in first.stdout
     out = project / "artifacts" / "support-triage"
     assert json.loads((out / "prepare" / "metrics.json").read_text())["n_test"] > 0
@@ -57,8 +59,8 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Stage 'ingest' didn't change, skipping" in second.stdout
-    assert "Stage 'validate' didn't change, skipping" in second.stdout
-    assert "Stage 'prepare' didn't change, skipping" in second.stdout
+    for stage in ("ingest", "validate", "features", "prepare"):
+        assert f"Stage '{stage}' didn't change, skipping" in second.stdout
 
     # A prompt parameter re-runs prepare only.
     spec = project / "pipelines.yaml"
@@ -66,6 +68,7 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     prompt = run_cli(["repro"], cwd=project, tool="dvc")
     assert prompt.returncode == 0, prompt.stderr
     assert "Stage 'validate' didn't change, skipping" in prompt.stdout
+    assert "Stage 'features' didn't change, skipping" in prompt.stdout
     assert "Running stage 'prepare'" in prompt.stdout
 
     # The split salt is read by validate too (leakage check), so both re-run.
@@ -74,6 +77,14 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     assert third.returncode == 0, third.stderr
     assert "Stage 'ingest' didn't change, skipping" in third.stdout
     assert "Running stage 'validate'" in third.stdout and "Running stage 'prepare'" in third.stdout
+
+    # An embedding setting re-runs features and prepare, not validate.
+    spec.write_text(spec.read_text().replace("top_k: 3 ", "top_k: 4 "))
+    topk = run_cli(["repro"], cwd=project, tool="dvc")
+    assert topk.returncode == 0, topk.stderr
+    assert "Stage 'validate' didn't change, skipping" in topk.stdout
+    assert "Running stage 'prepare'" in topk.stdout
+    assert json.loads((out / "prepare" / "metrics.json").read_text())["retrieval_recall_at_4"] >= 0.99
 
     # An ingest parameter re-runs ingest and everything after it.
     spec.write_text(spec.read_text().replace("seed: 7 ", "seed: 8 "))
@@ -96,6 +107,6 @@ def test_repro_stops_at_validate_on_bad_data(project, demo_small):
     proc = run_cli(["repro"], cwd=project, tool="dvc")
     assert proc.returncode != 0
     assert "Running stage 'ingest'" in proc.stdout and "Running stage 'validate'" in proc.stdout
-    assert "Running stage 'prepare'" not in proc.stdout
+    assert "Running stage 'features'" not in proc.stdout and "Running stage 'prepare'" not in proc.stdout
     assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()

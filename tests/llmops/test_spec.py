@@ -22,7 +22,7 @@ def test_shipped_spec_is_valid():
     spec = load_spec(SPEC, env={})
     name, pipe = spec.pipeline(None)
     assert name == "support-triage"
-    assert pipe.stages[:3] == ["ingest", "validate", "prepare"]
+    assert pipe.stages[:4] == ["ingest", "validate", "features", "prepare"]
     assert spec.services.prefect.api_url is None  # ${PREFECT_API_URL:-} unset -> ephemeral
     assert set(spec.models) == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
 
@@ -54,8 +54,9 @@ def test_error_names_file_line_key_and_value(tmp_path):
      "pipelines.support-triage.ingest.source: 'kind' must be one of 'generate', 'files' (got 'ftp')"),
     ("stages=[validate,ingest,prepare]",
      "pipelines.support-triage.stages: stage 'validate' needs ingest before it (from --set)"),
-    ("stages=[ingest,prepare]",
-     "pipelines.support-triage.stages: stage 'prepare' needs validate before it (from --set)"),
+    ("stages=[ingest,validate,prepare]",
+     "pipelines.support-triage.stages: stage 'prepare' needs features before it (from --set)"),
+    ("features.top_k=0", "pipelines.support-triage.features.top_k: must be > 0 (got 0) (from --set)"),
     ("validate.checks.txt.severity=warn",
      "pipelines.support-triage.validate.checks.txt: unknown key; did you mean 'text'? (from --set)"),
     ("validate.checks.text.max_tokens=2",
@@ -155,7 +156,7 @@ def test_show_round_trips_through_the_loader(tmp_path):
 def test_cli_validate_ok():
     proc = run_cli(["config", "validate"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert "pipelines.yaml: OK  pipeline support-triage (default): ingest -> validate -> prepare" in proc.stdout
+    assert "pipelines.yaml: OK  pipeline support-triage (default): ingest -> validate -> features -> prepare" in proc.stdout
 
 
 def test_cli_bad_spec_exits_2_without_traceback(tmp_path):

@@ -1,0 +1,47 @@
+"""Feast definitions for the support-triage model: customers' profiles over time, and the
+help-center articles with their embeddings, indexed for vector search."""
+import os
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.types import Array, Float32, Int64, String
+
+OFFLINE = os.environ.get("LLMOPS_FEAST_OFFLINE", os.path.join(os.path.dirname(__file__), "..", ".llmops",
+                                                               "feast", "support-triage", "offline"))
+
+customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueType.STRING,
+                  description="A Tessera customer account")
+article = Entity(name="article", join_keys=["article_id"], value_type=ValueType.STRING,
+                 description="A help-center article")
+
+customer_profile = FeatureView(
+    name="customer_profile",
+    entities=[customer],
+    ttl=timedelta(days=365),  # a snapshot older than this counts as unknown
+    schema=[
+        Field(name="plan", dtype=String),
+        Field(name="tenure_days", dtype=Int64),
+        Field(name="open_tickets_30d", dtype=Int64),
+        Field(name="seats", dtype=Int64),
+    ],
+    source=FileSource(name="customer_profiles", path=os.path.join(OFFLINE, "customer_profiles.parquet"),
+                      timestamp_field="event_timestamp"),
+    description="The customer's plan, tenure, open tickets and seats, snapshotted every ~2 weeks",
+)
+
+article_embeddings = FeatureView(
+    name="article_embeddings",
+    entities=[article],
+    ttl=timedelta(days=3650),
+    schema=[
+        Field(name="title", dtype=String),
+        Field(name="text_sha256", dtype=String),
+        Field(name="embedding", dtype=Array(Float32), vector_index=True, vector_search_metric="COSINE"),
+    ],
+    source=FileSource(name="article_embeddings", path=os.path.join(OFFLINE, "article_embeddings.parquet"),
+                      timestamp_field="event_timestamp"),
+    description="Article title and all-MiniLM-L6-v2 embedding (384 dims) of title + body",
+)
+
+triage = FeatureService(name="triage", features=[customer_profile],
+                        description="What the triage model reads about a customer")
