@@ -246,17 +246,15 @@ def run(cfg: FeaturesSpec, io: StageIO) -> StageResult:
     profiles["event_timestamp"] = pd.to_datetime(profiles.event_timestamp, utc=True)
     for col in PROFILE_FEATURES[1:]:
         profiles[col] = profiles[col].astype("int64")
-    # Articles carry no time; stamp them with the data's last ticket time, which is
-    # deterministic (the same data gives the same file) and not after "now".
-    stamp = pd.to_datetime(tickets.created_at, utc=True).max()
-    embedder = Embedder(cfg.embedding_model, io.models, io.state_dir, cfg.batch_size)
     state = feast_state(io.state_dir, io.pipeline)
-    table, embedded, reused = embed_articles(articles, embedder, state / "embedding_cache.parquet", stamp)
     outputs = {"customer_profiles": io.out_dir / "customer_profiles.parquet",
                "article_embeddings": io.out_dir / "article_embeddings.parquet"}
     profiles.to_parquet(outputs["customer_profiles"], index=False)
-    table.to_parquet(outputs["article_embeddings"], index=False)
-    publish(outputs, state)
+    publish({"customer_profiles": outputs["customer_profiles"]}, state)
+    embedder = Embedder(cfg.embedding_model, io.models, io.state_dir, cfg.batch_size)
+    table, embedded, reused = embed_and_publish(articles, tickets.created_at, embedder, state,
+                                                outputs["article_embeddings"])
+    stamp = table.event_timestamp.max()
     store = open_store(io.feature_repo, io.state_dir, io.pipeline, require_registry=False)
     apply(store, io.feature_repo)
     start = min(profiles.event_timestamp.min(), stamp).to_pydatetime()
@@ -268,6 +266,20 @@ def run(cfg: FeaturesSpec, io: StageIO) -> StageResult:
     summary = (f"### features\nFeast registry and online store: `{state}`; {embedded} article(s) embedded, "
                f"{reused} reused (text unchanged).\n\n" + markdown_table(rows))
     return StageResult(outputs=outputs, metrics=metrics, summary=summary)
+
+
+def embed_and_publish(articles: pd.DataFrame, ticket_times: pd.Series, embedder: Embedder, state: Path,
+                      target: Path) -> tuple[pd.DataFrame, int, int]:
+    """Embed ``articles`` (reusing cached vectors of unchanged texts), write the table to
+    ``target`` and publish it; returns (table, embedded, reused)."""
+    # Articles carry no time; stamp them with the data's last ticket time, which is
+    # deterministic (the same data gives the same file) and not after "now".
+    stamp = pd.to_datetime(ticket_times, utc=True).max()
+    table, embedded, reused = embed_articles(articles, embedder, state / "embedding_cache.parquet", stamp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(target, index=False)
+    publish({"article_embeddings": target}, state)
+    return table, embedded, reused
 
 
 def publish(outputs: dict[str, Path], state: Path) -> None:

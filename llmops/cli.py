@@ -262,16 +262,12 @@ def features_embed(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = 
         _fail(f"{articles_file} is missing; run `llmops run --until validate` first", code=1)
     state = features.feast_state(spec.state_dir(_root(file)), name)
     tickets = pd.read_parquet(articles_file.with_name("tickets.parquet"), columns=["created_at"])
+    target = out_dir / "article_embeddings.parquet"
     with console.status("embedding articles..."):
         embedder = features.Embedder(pipe.features.embedding_model, dict(spec.models), spec.state_dir(_root(file)),
                                      pipe.features.batch_size)
-        table, embedded, reused = features.embed_articles(
-            pd.read_parquet(articles_file), embedder, state / "embedding_cache.parquet",
-            pd.to_datetime(tickets.created_at, utc=True).max())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "article_embeddings.parquet"
-    table.to_parquet(target, index=False)
-    features.publish({"article_embeddings": target}, state)
+        _, embedded, reused = features.embed_and_publish(pd.read_parquet(articles_file), tickets.created_at,
+                                                         embedder, state, target)
     out.print(f"{embedded} article(s) embedded, {reused} unchanged -> {target}")
 
 
