@@ -172,10 +172,14 @@ class Retriever:
         self.store, self.embedder, self.top_k = store, embedder, top_k
         self._articles: dict[str, tuple[str, np.ndarray]] = {}
 
-    def search(self, texts: list[str]) -> list[list[dict]]:
-        vectors = self.embedder.encode(texts)
+    def search(self, texts: list[str], progress: bool = False) -> list[list[dict]]:
+        """Top-k articles for each text; ``progress`` shows a bar (for long batches)."""
+        from rich.progress import track
+
+        vectors = self.embedder.encode(texts, progress=progress)
         ranked = []
-        for vec in vectors:
+        for vec in track(vectors, description=f"retrieving top-{self.top_k} articles", disable=not progress,
+                         transient=True):
             with contextlib.redirect_stdout(_io.StringIO()):
                 df = self.store.retrieve_online_documents_v2(
                     features=["article_embeddings:title"], query=vec.tolist(), top_k=self.top_k,

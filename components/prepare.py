@@ -122,7 +122,7 @@ def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
     joined = pd.concat([tickets.reset_index(drop=True), profiles], axis=1)
     embedder = Embedder(features_cfg.embedding_model, io.models, io.state_dir, features_cfg.batch_size)
     rows = joined.to_dict("records")
-    retrieved = Retriever(store, embedder, features_cfg.top_k).search([ticket_text(r) for r in rows])
+    retrieved = Retriever(store, embedder, features_cfg.top_k).search([ticket_text(r) for r in rows], progress=True)
     buckets: dict[str, list[str]] = {s: [] for s in SPLITS}
     hits: dict[str, list[bool]] = {s: [] for s in SPLITS}
     for row, articles in zip(rows, retrieved):
