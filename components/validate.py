@@ -184,18 +184,20 @@ def normalise(text: pd.Series) -> pd.Series:
     return text.fillna("").str.lower().str.replace(r"\s+", " ", regex=True).str.strip()
 
 
+def _is_pii(kind: str, candidate: str) -> bool:
+    """Whether a regex match of ``kind`` really is PII: a card number must pass the Luhn
+    check; a phone number needs 9-15 digits and must not be a card number."""
+    if kind == "EMAIL":
+        return True
+    if kind == "CARD":
+        return _luhn(candidate)
+    return 9 <= len(re.sub(r"\D", "", candidate)) <= 15 and not _luhn(candidate)
+
+
 def find_pii(text: str) -> list[str]:
-    """Kinds of PII in ``text`` (EMAIL, CARD, PHONE); a card number must pass the Luhn check,
-    a phone number needs 9-15 digits."""
-    found = []
-    if PII_PATTERNS["EMAIL"].search(text):
-        found.append("EMAIL")
-    if any(_luhn(m.group()) for m in PII_PATTERNS["CARD"].finditer(text)):
-        found.append("CARD")
-    if any(9 <= len(re.sub(r"\D", "", m.group())) <= 15 and not _luhn(m.group())
-           for m in PII_PATTERNS["PHONE"].finditer(text)):
-        found.append("PHONE")
-    return found
+    """Kinds of PII in ``text``, in the order EMAIL, CARD, PHONE."""
+    return [kind for kind, pattern in PII_PATTERNS.items()
+            if any(_is_pii(kind, m.group()) for m in pattern.finditer(text))]
 
 
 def redact_pii(tickets: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -206,16 +208,13 @@ def redact_pii(tickets: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         nonlocal count
         if not isinstance(text, str):
             return text
-        text, n = PII_PATTERNS["EMAIL"].subn("[EMAIL]", text)
-        count += n
-        for kind in ("CARD", "PHONE"):
-            def repl(m, kind=kind):
+        for kind, pattern in PII_PATTERNS.items():
+            def repl(m: re.Match, kind: str = kind) -> str:
                 nonlocal count
-                digits = len(re.sub(r"\D", "", m.group()))
-                hit = _luhn(m.group()) if kind == "CARD" else (9 <= digits <= 15 and not _luhn(m.group()))
+                hit = _is_pii(kind, m.group())
                 count += hit
                 return f"[{kind}]" if hit else m.group()
-            text = PII_PATTERNS[kind].sub(repl, text)
+            text = pattern.sub(repl, text)
         return text
 
     out = tickets.copy()

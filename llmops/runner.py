@@ -57,9 +57,10 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str) -> StageRes
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    read_sections = {key.split(".")[0] for key in definition.reads}
     io = StageIO(pipeline=pipeline, out_dir=partial, inputs=inputs, state_dir=spec.state_dir(root),
                  s3_endpoint_url=spec.services.storage.s3_endpoint_url,
-                 sections={key.split(".")[0]: pipe.section(key.split(".")[0]) for key in definition.reads}, models=dict(spec.models),
+                 sections={name: pipe.section(name) for name in read_sections}, models=dict(spec.models),
                  feature_repo=(root / spec.services.feast.repo).resolve())
     failed = final.with_name(final.name + ".failed")
     try:
