@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from components.base import StrictModel
 from components.features import FeaturesSpec
+from components.finetune import FinetuneSpec
 from components.ingest import IngestSpec
 from components.models import ModelSource
 from components.prepare import PrepareSpec
@@ -66,6 +67,7 @@ class PipelineSpec(StrictModel):
     validate_: ValidateSpec = Field(ValidateSpec(), alias="validate")  # `validate` is taken by pydantic
     features: FeaturesSpec = FeaturesSpec()
     prepare: PrepareSpec = PrepareSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
 

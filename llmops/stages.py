@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from components import features, ingest, prepare, validate
+from components import features, finetune, ingest, prepare, validate
 from components.base import StageIO, StageResult
 
 
@@ -39,6 +39,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("components/prepare.py",),
           "Feast point-in-time profiles + retrieved articles -> chat examples, hashed splits",
           reads=("features.embedding_model", "features.top_k")),
+    Stage("finetune", finetune.run, ("prepare",), finetune.OUTPUTS, ("components/finetune.py",),
+          "PEFT fine-tuning on the train split, answer-only loss, early stopping, resumable"),
 )}
 
 METRICS_FILE = "metrics.json"

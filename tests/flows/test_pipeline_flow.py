@@ -34,9 +34,13 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
         artifacts = {k for (k,) in con.execute("select key from artifact where type = 'markdown'")}
         flow_states = [s for (s,) in con.execute("select state_type from flow_run")]
     assert states == {"ingest": "COMPLETED", "validate": "COMPLETED", "features": "COMPLETED",
-                      "prepare": "COMPLETED"}
+                      "prepare": "COMPLETED", "finetune": "COMPLETED"}
     assert artifacts == {"support-triage-ingest", "support-triage-validate", "support-triage-features",
-                         "support-triage-prepare"}
+                         "support-triage-prepare", "support-triage-finetune"}
+    # the real base model was fine-tuned (2 steps) and its adapter saved as safetensors
+    trained = json.loads((out / "finetune" / "metrics.json").read_text())
+    assert trained["steps"] == 2 and trained["trainable_params"] == 4_884_480
+    assert (out / "finetune" / "adapter" / "adapter_model.safetensors").stat().st_size > 10_000_000
     assert (project / ".llmops" / "feast" / "support-triage" / "registry.db").exists()
     assert json.loads((out / "prepare" / "metrics.json").read_text())["retrieval_recall_at_3"] >= 0.99
     assert json.loads((out / "validate" / "validation.json").read_text())["success"] is True
@@ -73,9 +77,9 @@ def test_failing_stage_keeps_the_previous_outputs(project):
 
 
 def test_bad_stage_selection(project):
-    proc = run_cli(["run", "--until", "finetune"], cwd=project)
+    proc = run_cli(["run", "--until", "deploy"], cwd=project)
     assert proc.returncode == 2
-    assert "--until 'finetune': not a stage of this pipeline (stages: ingest, validate, features, prepare)" in proc.stderr
+    assert "--until 'deploy': not a stage of this pipeline (stages: ingest, validate, features, prepare, finetune)" in proc.stderr
 
 
 def write_bad_dataset(folder, data):

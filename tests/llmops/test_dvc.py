@@ -50,7 +50,7 @@ def test_stage_params_are_only_the_keys_it_reads():
 def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     first = run_cli(["repro"], cwd=project, tool="dvc")
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("ingest", "validate", "features", "prepare"):
+    for stage in ("ingest", "validate", "features", "prepare", "finetune"):
         assert f"Running stage '{stage}'" in first.stdout
     out = project / "artifacts" / "support-triage"
     assert json.loads((out / "prepare" / "metrics.json").read_text())["n_test"] > 0
@@ -59,7 +59,7 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Stage 'ingest' didn't change, skipping" in second.stdout
-    for stage in ("ingest", "validate", "features", "prepare"):
+    for stage in ("ingest", "validate", "features", "prepare", "finetune"):
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
 
     # A prompt parameter re-runs prepare only.
@@ -107,6 +107,7 @@ def test_repro_stops_at_validate_on_bad_data(project, demo_small):
     proc = run_cli(["repro"], cwd=project, tool="dvc")
     assert proc.returncode != 0
     assert "Running stage 'ingest'" in proc.stdout and "Running stage 'validate'" in proc.stdout
-    assert "Running stage 'features'" not in proc.stdout and "Running stage 'prepare'" not in proc.stdout
+    for later in ("features", "prepare", "finetune"):
+        assert f"Running stage '{later}'" not in proc.stdout
     assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()

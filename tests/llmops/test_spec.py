@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
 from llmops import spec as specmod
@@ -22,7 +23,7 @@ def test_shipped_spec_is_valid():
     spec = load_spec(SPEC, env={})
     name, pipe = spec.pipeline(None)
     assert name == "support-triage"
-    assert pipe.stages[:4] == ["ingest", "validate", "features", "prepare"]
+    assert pipe.stages == ["ingest", "validate", "features", "prepare", "finetune"]
     assert spec.services.prefect.api_url is None  # ${PREFECT_API_URL:-} unset -> ephemeral
     assert set(spec.models) == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
 
@@ -57,6 +58,13 @@ def test_error_names_file_line_key_and_value(tmp_path):
     ("stages=[ingest,validate,prepare]",
      "pipelines.support-triage.stages: stage 'prepare' needs features before it (from --set)"),
     ("features.top_k=0", "pipelines.support-triage.features.top_k: must be > 0 (got 0) (from --set)"),
+    pytest.param("finetune.method.kind=qlora",
+                 "pipelines.support-triage.finetune.method: qlora quantizes the base model to 4 bits with bitsandbytes "
+                 "and needs a CUDA GPU; this machine has no CUDA GPU (use kind: lora) (from --set)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")),
+    ("finetune.method.kind=adapters",
+     "pipelines.support-triage.finetune.method: 'kind' must be one of 'lora', 'dora', 'qlora', 'ia3', "
+     "'prompt_tuning' (got 'adapters')"),
     ("validate.checks.txt.severity=warn",
      "pipelines.support-triage.validate.checks.txt: unknown key; did you mean 'text'? (from --set)"),
     ("validate.checks.text.max_tokens=2",
@@ -156,7 +164,7 @@ def test_show_round_trips_through_the_loader(tmp_path):
 def test_cli_validate_ok():
     proc = run_cli(["config", "validate"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert "pipelines.yaml: OK  pipeline support-triage (default): ingest -> validate -> features -> prepare" in proc.stdout
+    assert "pipelines.yaml: OK  pipeline support-triage (default): ingest -> validate -> features -> prepare -> finetune" in proc.stdout
 
 
 def test_cli_bad_spec_exits_2_without_traceback(tmp_path):
