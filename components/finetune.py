@@ -259,6 +259,12 @@ def train(cfg: FinetuneSpec, model_path: str, train_examples: list[dict], val_ex
                     state["bad_evals"] += 1
             state["log"].append(row)
             bar.update(task, completed=state["step"], loss=loss_sum, tps=tps)
+            if progress and not bar.console.is_terminal and row["val_loss"] != "":
+                # no live bar in a log file: one line per validation measurement instead
+                left = (cfg.max_steps - state["step"]) * state["seconds"] / max(state["step"] - (resumed_from or 0), 1)
+                bar.console.print(f"finetune step {state['step']}/{cfg.max_steps} loss {loss_sum:.4f} "
+                                  f"val_loss {row['val_loss']} {tps:.0f} tok/s, ~{left / 60:.1f} min left",
+                                  highlight=False)
             if state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.max_steps:
                 _save_checkpoint(checkpoint_dir, model, tokenizer, optimizer, scheduler, state, adapter_dir)
             if on_step:
