@@ -83,6 +83,10 @@ def apply(store, repo: Path) -> None:
 
     config = load_repo_config(repo, repo / "feature_store.yaml")
     # Feast imports the repo's .py files by module name, as its CLI does from inside the repo.
+    # A module cached by an earlier apply (another repo copy or state folder) would bring
+    # that apply's source paths along, so the repo's module names are imported afresh.
+    for stem in {p.stem for p in repo.glob("*.py")}:
+        sys.modules.pop(stem, None)
     cwd, sys_path = os.getcwd(), list(sys.path)
     try:
         os.chdir(repo)

@@ -129,6 +129,16 @@ def test_unknown_customer(built):
     assert "Customer plan: unknown | tenure: unknown days" in context["messages"][1]["content"]
 
 
+def test_a_second_apply_in_the_same_process_uses_its_own_sources(built, tmp_path):
+    io = built["io"]
+    store = open_store(io.feature_repo, tmp_path / "other-state", "t", require_registry=False)
+    features.apply(store, io.feature_repo)
+    other = store.registry.get_data_source("customer_profiles", store.project)
+    assert other.path.startswith(str(tmp_path / "other-state"))
+    mine = built["store"].registry.get_data_source("customer_profiles", built["store"].project, allow_cache=False)
+    assert mine.path.startswith(str(io.state_dir))
+
+
 def test_missing_registry_says_what_to_run(built, tmp_path):
     with pytest.raises(StageError, match="no Feast registry in .*; run `llmops features apply`"):
         open_store(built["io"].feature_repo, tmp_path / "empty", "t")
