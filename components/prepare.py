@@ -19,11 +19,12 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
+from components.features import PROFILE_FEATURES
 
 SPLITS = ("train", "validation", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("splits.json",)
 LABELS = ("intent", "priority", "article_id")
-PROFILE_FIELDS = ("plan", "tenure_days", "open_tickets_30d", "seats")
+PROFILE_FIELDS = PROFILE_FEATURES  # the customer_profile features served by Feast
 # Placeholders a prompt template may use.
 TEMPLATE_FIELDS = ("ticket_id", "customer_id", "created_at", "channel", "subject", "body") + PROFILE_FIELDS + (
     "articles",)
