@@ -208,7 +208,10 @@ def train(cfg: FinetuneSpec, model_path: str, train_examples: list[dict], val_ex
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "best_val": None, "bad_evals": 0, "log": []}
     resumed_from = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
     lengths = [len(ids) for ids, _ in kept]
-    plan = [b for epoch in range(10_000) for b in batches(lengths, cfg.batch_size, cfg.seed, epoch)]
+    # Every epoch has the same number of batches; plan only the epochs max_steps can reach.
+    per_epoch = len(batches(lengths, cfg.batch_size, cfg.seed, 0))
+    epochs = math.ceil(cfg.max_steps * cfg.grad_accum / per_epoch)
+    plan = [b for epoch in range(epochs) for b in batches(lengths, cfg.batch_size, cfg.seed, epoch)]
     adapter_dir = out_dir / "adapter"
 
     def evaluate() -> float | None:
