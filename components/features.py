@@ -31,7 +31,11 @@ from components.base import StageError, StageIO, StageResult, StrictModel, markd
 from components.models import ModelError, resolve
 
 OUTPUTS = ("customer_profiles.parquet", "article_embeddings.parquet")
-PROFILE_FEATURES = ("plan", "tenure_days", "open_tickets_30d", "seats")
+PROFILE_FEATURES = ("plan", "tenure_days", "open_tickets_30d", "seats")  # stored in customer_profile
+FLAG_FEATURES = ("new_customer", "busy_account")  # on-demand view customer_flags, computed from the profile
+SERVED_FEATURES = PROFILE_FEATURES + FLAG_FEATURES  # what prompts can show about a customer
+FEATURE_REFS = ([f"customer_profile:{f}" for f in PROFILE_FEATURES]
+                + [f"customer_flags:{f}" for f in FLAG_FEATURES])
 EMBEDDING_DIM = 384
 
 
@@ -214,18 +218,17 @@ def historical_profiles(store, tickets: pd.DataFrame) -> pd.DataFrame:
     entity_df["event_timestamp"] = pd.to_datetime(entity_df["event_timestamp"], utc=True)
     with contextlib.redirect_stdout(_io.StringIO()):
         joined = store.get_historical_features(
-            entity_df=entity_df, features=[f"customer_profile:{f}" for f in PROFILE_FEATURES]).to_df()
-    return joined.sort_values("_order").reset_index(drop=True)[list(PROFILE_FEATURES)]
+            entity_df=entity_df, features=FEATURE_REFS).to_df()
+    return joined.sort_values("_order").reset_index(drop=True)[list(SERVED_FEATURES)]
 
 
 def online_profile(store, customer_id: str, unknown: str = "default") -> dict[str, Any]:
     """The customer's latest materialized profile. An unknown customer gets "unknown"
     values (``unknown="default"``) or raises StageError (``unknown="error"``)."""
     with contextlib.redirect_stdout(_io.StringIO()):
-        row = store.get_online_features(features=[f"customer_profile:{f}" for f in PROFILE_FEATURES],
-                                        entity_rows=[{"customer_id": customer_id}]).to_dict()
-    profile = {f: row[f][0] for f in PROFILE_FEATURES}
-    if all(v is None for v in profile.values()) and unknown == "error":
+        row = store.get_online_features(features=FEATURE_REFS, entity_rows=[{"customer_id": customer_id}]).to_dict()
+    profile = {f: row[f][0] for f in SERVED_FEATURES}
+    if all(profile[f] is None for f in PROFILE_FEATURES) and unknown == "error":
         raise StageError(f"unknown customer {customer_id!r}: no profile in the online store")
     return profile
 

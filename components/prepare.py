@@ -19,12 +19,12 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
-from components.features import PROFILE_FEATURES
+from components.features import SERVED_FEATURES
 
 SPLITS = ("train", "validation", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("splits.json",)
 LABELS = ("intent", "priority", "article_id")
-PROFILE_FIELDS = PROFILE_FEATURES  # the customer_profile features served by Feast
+PROFILE_FIELDS = SERVED_FEATURES  # the customer features served by Feast (stored + on-demand)
 # Placeholders a prompt template may use.
 TEMPLATE_FIELDS = ("ticket_id", "customer_id", "created_at", "channel", "subject", "body") + PROFILE_FIELDS + (
     "articles",)
@@ -34,8 +34,8 @@ DEFAULT_SYSTEM = (
     '{"intent": ..., "priority": ..., "article_id": ...}.'
 )
 DEFAULT_TEMPLATE = (
-    "Channel: {channel}\nCustomer plan: {plan} | tenure: {tenure_days} days | "
-    "open tickets (30 d): {open_tickets_30d}\nSubject: {subject}\n\n{body}\n\nCandidate articles:\n{articles}"
+    "Channel: {channel}\nCustomer plan: {plan} | new customer: {new_customer} | "
+    "busy account: {busy_account}\nSubject: {subject}\n\n{body}\n\nCandidate articles:\n{articles}"
 )
 
 

@@ -3,7 +3,9 @@ help-center articles with their embeddings, indexed for vector search."""
 import os
 from datetime import timedelta
 
+import pandas as pd
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Array, Float32, Int64, String
 
 OFFLINE = os.environ.get("LLMOPS_FEAST_OFFLINE", os.path.join(os.path.dirname(__file__), "..", ".llmops",
@@ -29,6 +31,23 @@ customer_profile = FeatureView(
     description="The customer's plan, tenure, open tickets and seats, snapshotted every ~2 weeks",
 )
 
+
+
+@on_demand_feature_view(
+    sources=[customer_profile],
+    schema=[Field(name="new_customer", dtype=String), Field(name="busy_account", dtype=String)],
+    description="Support-policy flags, computed from the profile at read time (online and offline alike): "
+                "new customer = tenure under 30 days; busy account = 3 or more tickets open in 30 days",
+)
+def customer_flags(profile: pd.DataFrame) -> pd.DataFrame:
+    def flag(condition: pd.Series, known: pd.Series) -> pd.Series:
+        return condition.map({True: "yes", False: "no"}).where(known, "unknown")
+
+    tenure, open_tickets = profile["tenure_days"], profile["open_tickets_30d"]
+    return pd.DataFrame({"new_customer": flag(tenure < 30, tenure.notna()),
+                         "busy_account": flag(open_tickets >= 3, open_tickets.notna())})
+
+
 article_embeddings = FeatureView(
     name="article_embeddings",
     entities=[article],
@@ -43,5 +62,5 @@ article_embeddings = FeatureView(
     description="Article title and all-MiniLM-L6-v2 embedding (384 dims) of title + body",
 )
 
-triage = FeatureService(name="triage", features=[customer_profile],
+triage = FeatureService(name="triage", features=[customer_profile, customer_flags],
                         description="What the triage model reads about a customer")

@@ -3,6 +3,7 @@ retrieval quality on the demo data, and identical prompts for training and servi
 from __future__ import annotations
 
 import bisect
+import collections
 import shutil
 from datetime import datetime, timezone
 
@@ -44,6 +45,7 @@ def as_of(profiles: pd.DataFrame, customer_id: str, when: pd.Timestamp) -> dict:
 def test_apply_registers_the_definitions(built):
     store = built["store"]
     assert {fv.name for fv in store.list_feature_views()} == {"customer_profile", "article_embeddings"}
+    assert [v.name for v in store.list_on_demand_feature_views()] == ["customer_flags"]
     assert {e.name for e in store.list_entities()} >= {"customer", "article"}
     assert [fs.name for fs in store.list_feature_services()] == ["triage"]
     assert built["features"].metrics == {"n_profiles": 5558, "n_customers": 300, "n_articles": 40,
@@ -56,16 +58,20 @@ def test_training_profiles_are_point_in_time(built, demo):
     profiles = demo.customer_profiles
     latest = profiles.sort_values("event_timestamp").groupby("customer_id").tail(1).set_index("customer_id")
     checked = changed = 0
+    flags = collections.Counter()
     for t in demo.tickets.itertuples():
         snap = as_of(profiles, t.customer_id, t.created_at)
         user = examples[t.ticket_id]["messages"][1]["content"]
-        assert (f"Customer plan: {snap['plan']} | tenure: {snap['tenure_days']} days | "
-                f"open tickets (30 d): {snap['open_tickets_30d']}") in user
+        # the on-demand flags are computed from that same snapshot (policy: < 30 days, >= 3 open)
+        new, busy = ("yes" if snap["tenure_days"] < 30 else "no"), ("yes" if snap["open_tickets_30d"] >= 3 else "no")
+        assert f"Customer plan: {snap['plan']} | new customer: {new} | busy account: {busy}" in user
+        flags[new, busy] += 1
         checked += 1
         if latest.plan[t.customer_id] != snap["plan"]:  # the plan changed after this ticket
             assert f"Customer plan: {latest.plan[t.customer_id]} |" not in user
             changed += 1
     assert checked == 2000 and changed > 100
+    assert len(flags) == 4 and min(flags.values()) > 20  # every combination occurs
 
 
 @pytest.mark.parametrize(("query", "article"), [
@@ -120,13 +126,14 @@ def test_training_and_serving_build_the_same_prompt(built, demo, tmp_path):
 
 def test_unknown_customer(built):
     profile = online_profile(built["store"], "CUST-9999", unknown="default")
-    assert profile == {"plan": None, "tenure_days": None, "open_tickets_30d": None, "seats": None}
+    assert profile == {"plan": None, "tenure_days": None, "open_tickets_30d": None, "seats": None,
+                       "new_customer": "unknown", "busy_account": "unknown"}
     with pytest.raises(StageError, match="unknown customer 'CUST-9999': no profile in the online store"):
         online_profile(built["store"], "CUST-9999", unknown="error")
     context = online_context(built["store"], Retriever(built["store"], built["embedder"], 3), FeaturesSpec(),
                              PrepareSpec(), {"customer_id": "CUST-9999", "channel": "chat",
                                              "subject": "Refund", "body": "charged twice for Tessera Sync"})
-    assert "Customer plan: unknown | tenure: unknown days" in context["messages"][1]["content"]
+    assert "Customer plan: unknown | new customer: unknown | busy account: unknown" in context["messages"][1]["content"]
 
 
 def test_a_second_apply_in_the_same_process_uses_its_own_sources(built, tmp_path):

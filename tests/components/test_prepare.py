@@ -72,7 +72,7 @@ def test_examples_are_chats_whose_answer_is_the_gold_json(prepared, demo_small):
 def test_ticket_before_any_profile_says_unknown():
     msgs = build_messages({"channel": "chat", "subject": "s", "body": "b", "plan": float("nan"),
                            "tenure_days": None, "open_tickets_30d": float("nan")}, PrepareSpec())
-    assert "plan: unknown | tenure: unknown days" in msgs[1]["content"]
+    assert "plan: unknown | new customer: unknown | busy account: unknown" in msgs[1]["content"]
     assert msgs[1]["content"].endswith("Candidate articles:\n- (none found)")
 
 
