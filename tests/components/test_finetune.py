@@ -4,46 +4,16 @@ interruption gives the same adapter, qlora is refused without a GPU."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from components.finetune import (IGNORE, DoraMethod, FinetuneSpec, IA3Method, LoraMethod, PromptTuningMethod, batches,
-                                 encode, train)
-from tests.conftest import provisioned_models
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    smollm2 = provisioned_models() / "smollm2-135m-instruct"
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (smollm2 / name).exists():
-            shutil.copy(smollm2 / name, folder / name)
-    return folder
-
-
-def _examples(n: int, offset: int = 0) -> list[dict]:
-    intents = ["billing_refund", "login_problem", "bug_report", "performance"]
-    out = []
-    for i in range(offset, offset + n):
-        intent = intents[i % 4]
-        out.append({"ticket_id": f"T{i}", "messages": [
-            {"role": "system", "content": "Triage. Reply with JSON."},
-            {"role": "user", "content": f"Ticket {i}: something about {intent.replace('_', ' ')} " + "x " * (i % 7)},
-            {"role": "assistant", "content": json.dumps({"intent": intent, "priority": "low", "article_id": "KB-101"})},
-        ]})
-    return out
+from components.finetune import (IGNORE, DoraMethod, FinetuneSpec, IA3Method, LoraMethod, PromptTuningMethod,
+                                 answer_loss, batches, collate, encode, pick_device, train)
+from tests.components.conftest import chat_examples
 
 
 def _cfg(**kw) -> FinetuneSpec:
@@ -54,7 +24,7 @@ def _cfg(**kw) -> FinetuneSpec:
 
 def test_loss_counts_only_the_answer(tiny):
     tokenizer = AutoTokenizer.from_pretrained(tiny)
-    example = _examples(1)[0]
+    example = chat_examples(1)[0]
     ids, labels = encode(example, tokenizer)
     assert len(ids) == len(labels)
     first = next(i for i, label in enumerate(labels) if label != IGNORE)
@@ -64,6 +34,28 @@ def test_loss_counts_only_the_answer(tiny):
     answer_text = tokenizer.decode([t for t in labels if t != IGNORE])
     assert answer_text.startswith(example["messages"][2]["content"])
     assert answer_text.rstrip("\n").endswith("<|im_end|>")  # the model learns to stop
+
+
+def test_answer_only_head_gives_the_full_loss(tiny):
+    """The output head applied from the first answer position on gives the same loss as the
+    model's own (all positions), on a right-padded batch of different lengths."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    ids, labels, mask = collate([encode(e, tokenizer) for e in chat_examples(5)], tokenizer.pad_token_id)
+    assert len(set(mask.sum(1).tolist())) > 1  # really padded
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        fast = answer_loss(model, ids, mask, labels).item()
+    assert fast == pytest.approx(full, rel=1e-5)
+    assert answer_loss(model, ids, mask, labels, logits_to_keep=False).item() == pytest.approx(full, rel=1e-6)
+
+
+def test_precision_on_this_machine():
+    device, weights, autocast = pick_device("fp32")
+    assert (weights, autocast) == (torch.float32, None)
+    if not torch.cuda.is_available():
+        # bf16 on a CPU: fp32 weights (the adapter and optimizer stay exact), bf16 autocast
+        assert pick_device("bf16") == (torch.device("cpu"), torch.float32, torch.bfloat16)
 
 
 def test_batches_group_lengths_and_are_seeded():
@@ -82,7 +74,7 @@ def test_each_method_trains_and_round_trips(tiny, tmp_path, method):
     from peft import PeftModel
 
     cfg = _cfg(method=method, max_steps=4)
-    metrics = train(cfg, str(tiny), _examples(24), _examples(8, 100), tmp_path, tmp_path / "ckpt", progress=False)
+    metrics = train(cfg, str(tiny), chat_examples(24), chat_examples(8, 100), tmp_path, tmp_path / "ckpt", progress=False)
     assert metrics["steps"] == 4 and metrics["trainable_params"] > 0
     assert metrics["trainable_share"] < 0.5
     adapter = tmp_path / "adapter"
@@ -93,7 +85,7 @@ def test_each_method_trains_and_round_trips(tiny, tmp_path, method):
     # load it back on a fresh base and check it changes the outputs
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     base = AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=True)
-    x = tokenizer.apply_chat_template(_examples(1)[0]["messages"], return_tensors="pt")
+    x = tokenizer.apply_chat_template(chat_examples(1)[0]["messages"], return_tensors="pt")
     with torch.no_grad():
         before = base(x).logits[0, -1].clone()
         tuned = PeftModel.from_pretrained(base, adapter)
@@ -103,7 +95,7 @@ def test_each_method_trains_and_round_trips(tiny, tmp_path, method):
 
 
 def test_training_lowers_the_validation_loss(tiny, tmp_path):
-    metrics = train(_cfg(max_steps=12, eval_every=4), str(tiny), _examples(64), _examples(8, 100), tmp_path,
+    metrics = train(_cfg(max_steps=12, eval_every=4), str(tiny), chat_examples(64), chat_examples(8, 100), tmp_path,
                     tmp_path / "ckpt", progress=False)
     log = (tmp_path / "train_log.csv").read_text().splitlines()
     assert log[0] == "step,loss,learning_rate,tokens_per_s,val_loss" and len(log) == 13
@@ -114,7 +106,7 @@ def test_training_lowers_the_validation_loss(tiny, tmp_path):
 
 def test_resume_after_interruption_gives_the_same_adapter(tiny, tmp_path):
     cfg = _cfg(max_steps=6, checkpoint_every=2)
-    data, val = _examples(40), _examples(8, 100)
+    data, val = chat_examples(40), chat_examples(8, 100)
     train(cfg, str(tiny), data, val, tmp_path / "straight", tmp_path / "ckpt-a", progress=False)
 
     def kill_at_5(step: int) -> None:
@@ -138,7 +130,7 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny, tmp_path):
 def test_early_stopping(tiny, tmp_path):
     # a learning rate this high makes the validation loss worse at every measurement
     metrics = train(_cfg(max_steps=40, eval_every=1, early_stopping_patience=2, learning_rate=5.0,
-                         warmup_steps=0), str(tiny), _examples(40), _examples(8, 100), tmp_path, tmp_path / "c",
+                         warmup_steps=0), str(tiny), chat_examples(40), chat_examples(8, 100), tmp_path, tmp_path / "c",
                     progress=False)
     assert metrics["stopped_by"] == "early_stopping" and metrics["steps"] < 40
 
