@@ -35,7 +35,8 @@ class StageIO:
     ``s3_endpoint_url`` points boto3 at an S3-compatible server (None: AWS itself);
     ``sections`` holds other spec sections the stage declared it reads (e.g. validate
     reads prepare's split rule); ``models`` is the spec's model catalog;
-    ``feature_repo`` is the Feast repository folder.
+    ``feature_repo`` is the Feast repository folder; ``context`` says which run this is
+    (git commit, spec hash, MLflow run ids) for stages that record provenance.
     """
 
     pipeline: str
@@ -46,6 +47,7 @@ class StageIO:
     sections: dict[str, Any] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     feature_repo: Path = Path("feature_repo")
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.base import StageError
 from components.models import ModelError
-from llmops.runner import execute_stage, select_stages
+from llmops.runner import end_pipeline_run, execute_stage, select_stages, start_pipeline_run
 from llmops.spec import SpecError, load_spec
 
 EXPECTED_ERRORS = (StageError, ModelError, SpecError)
@@ -40,12 +40,14 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
 
 
 @task(task_run_name="{stage}")
-def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str) -> dict[str, str]:
-    """One stage: the same function `llmops stage` and dvc.yaml call."""
+def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str,
+              mlflow_run_id: str | None = None) -> dict[str, str]:
+    """One stage: the same function `llmops stage` and dvc.yaml call, its MLflow run nested
+    under the pipeline's."""
     logger = get_run_logger()
     spec = load_spec(spec_file, overrides, pipeline)
     logger.info("stage %s: started", stage)
-    result = execute_stage(spec, Path(spec_file).resolve().parent, pipeline, stage)
+    result = execute_stage(spec, Path(spec_file).resolve().parent, pipeline, stage, parent_run_id=mlflow_run_id)
     outputs = {name: str(path) for name, path in result.outputs.items()}
     listing = "\n".join(f"- `{name}`: `{path}`" for name, path in outputs.items())
     create_markdown_artifact(key=_artifact_key(pipeline, stage),
@@ -58,16 +60,30 @@ def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str) -
 @flow(name="llmops-pipeline", flow_run_name="{pipeline}")
 def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None, start: str | None = None,
                   until: str | None = None, overrides: list[str] | None = None) -> dict[str, dict[str, str]]:
-    """Run ``pipeline`` (default: the spec's default) from ``start`` to ``until``; returns
-    stage -> output name -> path."""
+    """Run ``pipeline`` (default: the spec's default) from ``start`` to ``until``, as one
+    MLflow run with a nested run per stage; returns stage -> output name -> path."""
+    import mlflow
+    from prefect.runtime import flow_run
+
     overrides = list(overrides or [])
     spec = load_spec(spec_file, overrides, pipeline)
     name, pipe = spec.pipeline(pipeline)
+    stages = select_stages(pipe.stages, start, until)
+    run_id = start_pipeline_run(spec, Path(spec_file).resolve().parent, name, source="prefect")
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.id))
+    client.set_tag(run_id, "llmops.stages", ",".join(stages))
+    get_run_logger().info("MLflow run %s (experiment %r, %s)", run_id, name, mlflow.get_tracking_uri())
     outputs: dict[str, dict[str, str]] = {}
-    for stage in select_stages(pipe.stages, start, until):
-        shell = run_stage.with_options(retries=pipe.retries.get(stage, 0),
-                                       retry_delay_seconds=pipe.retry_delay_s)
-        outputs[stage] = shell(str(spec_file), overrides, name, stage)
+    ok = False
+    try:
+        for stage in stages:
+            shell = run_stage.with_options(retries=pipe.retries.get(stage, 0),
+                                           retry_delay_seconds=pipe.retry_delay_s)
+            outputs[stage] = shell(str(spec_file), overrides, name, stage, run_id)
+        ok = True
+    finally:
+        end_pipeline_run(run_id, ok)
     return outputs
 
 

@@ -9,10 +9,15 @@ stage fails on its input, what it wrote (e.g. validation reports) is kept in
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
+from components import tracking
 from components.base import StageError, StageIO, StageResult, write_json
 from llmops.spec import Spec
 from llmops.stages import METRICS_FILE, STAGES
@@ -38,9 +43,86 @@ def stage_dir(spec: Spec, root: Path, pipeline: str, stage: str) -> Path:
     return spec.artifacts_dir(root) / pipeline / stage
 
 
-def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str) -> StageResult:
-    """Run ``stage`` of ``pipeline``; returns its result with paths in the final folder.
-    Raises StageError when an input stage has not produced its outputs."""
+def git_commit(root: Path) -> str:
+    """HEAD's commit, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return (commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pipeline_document(spec: Spec, pipeline: str) -> dict:
+    """The resolved pipeline section (with the models it can name) as plain JSON data."""
+    _, pipe = spec.pipeline(pipeline)
+    return {"pipeline": pipeline, **pipe.model_dump(mode="json", by_alias=True),
+            "models": {k: v.model_dump(mode="json") for k, v in spec.models.items()}}
+
+
+def spec_sha256(spec: Spec, pipeline: str) -> str:
+    """Hash of the resolved pipeline: equal specs (after overrides and ${VAR}s) hash equal."""
+    return hashlib.sha256(json.dumps(pipeline_document(spec, pipeline), sort_keys=True).encode()).hexdigest()
+
+
+def _experiment_id(spec: Spec, root: Path, pipeline: str) -> str:
+    """The pipeline's MLflow experiment; on the embedded store its artifacts go to the state folder."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(pipeline)
+    if found:
+        return found.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (spec.state_dir(root) / "mlflow" / "artifacts").resolve().as_uri()
+    return mlflow.create_experiment(pipeline, artifact_location=location)
+
+
+def start_pipeline_run(spec: Spec, root: Path, pipeline: str, source: str) -> str:
+    """Open the MLflow run of one pipeline run: the flattened resolved spec as params, the
+    spec as an artifact, git commit, spec hash and system info as tags. Returns its id; the
+    stages' runs nest under it; close it with :func:`end_pipeline_run`."""
+    import mlflow
+
+    document = pipeline_document(spec, pipeline)
+    tags = {"llmops.pipeline": pipeline, "llmops.source": source, "llmops.git_commit": git_commit(root),
+            "llmops.spec_sha256": spec_sha256(spec, pipeline),
+            **{f"system.{k}": v for k, v in tracking.system_info().items()}}
+    with mlflow.start_run(experiment_id=_experiment_id(spec, root, pipeline), run_name=pipeline, tags=tags) as run:
+        tracking.log_params({k: v for k, v in document.items() if k != "models"})
+        tracking.log_text(json.dumps(document, indent=2), "spec.json")
+        run_id = run.info.run_id
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")  # stays open while the stages run
+    return run_id
+
+
+def end_pipeline_run(run_id: str, ok: bool) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+@contextlib.contextmanager
+def _stage_run(spec: Spec, root: Path, pipeline: str, stage: str, parent_run_id: str | None):
+    """The stage's MLflow run: nested under the pipeline's run, or on its own when the stage
+    runs alone (`llmops stage`, `dvc repro`). Ends FAILED when the stage raises."""
+    import mlflow
+
+    tags = {"llmops.pipeline": pipeline, "llmops.stage": stage, "llmops.git_commit": git_commit(root),
+            "llmops.spec_sha256": spec_sha256(spec, pipeline)}
+    with mlflow.start_run(experiment_id=_experiment_id(spec, root, pipeline), run_name=stage,
+                          parent_run_id=parent_run_id, tags=tags) as run:
+        if parent_run_id is None:  # no pipeline run holds the params: the stage's own section
+            tracking.log_params({stage: pipeline_document(spec, pipeline).get(stage, {})})
+        yield run
+
+
+def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str,
+                  parent_run_id: str | None = None) -> StageResult:
+    """Run ``stage`` of ``pipeline`` inside its MLflow run; returns its result with paths in
+    the final folder. Raises StageError when an input stage has not produced its outputs."""
     definition = STAGES[stage]
     _, pipe = spec.pipeline(pipeline)
     if stage not in pipe.stages:
@@ -58,13 +140,26 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str) -> StageRes
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     read_sections = {key.split(".")[0] for key in definition.reads}
-    io = StageIO(pipeline=pipeline, out_dir=partial, inputs=inputs, state_dir=spec.state_dir(root),
-                 s3_endpoint_url=spec.services.storage.s3_endpoint_url,
-                 sections={name: pipe.section(name) for name in read_sections}, models=dict(spec.models),
-                 feature_repo=(root / spec.services.feast.repo).resolve())
+    with _stage_run(spec, root, pipeline, stage, parent_run_id) as run:
+        io = StageIO(pipeline=pipeline, out_dir=partial, inputs=inputs, state_dir=spec.state_dir(root),
+                     s3_endpoint_url=spec.services.storage.s3_endpoint_url,
+                     sections={name: pipe.section(name) for name in read_sections}, models=dict(spec.models),
+                     feature_repo=(root / spec.services.feast.repo).resolve(),
+                     context={"git_commit": run.data.tags.get("llmops.git_commit", "unknown"),
+                              "spec_sha256": spec_sha256(spec, pipeline), "mlflow_run_id": run.info.run_id,
+                              "mlflow_parent_run_id": parent_run_id})
+        result = _run_in_folder(definition, pipe.section(stage), io, partial, final)
+        tracking.log_metrics(result.metrics)
+        tracking.log_text(result.summary, "summary.md")
+    return result
+
+
+def _run_in_folder(definition, cfg, io: StageIO, partial: Path, final: Path) -> StageResult:
+    """Run the stage into ``partial`` and swap it in for ``final`` on success."""
+    stage = definition.name
     failed = final.with_name(final.name + ".failed")
     try:
-        result = definition.run(pipe.section(stage), io)
+        result = definition.run(cfg, io)
     except StageError as exc:
         # Keep what the failed run wrote (reports, Data Docs) for a person to read.
         shutil.rmtree(failed, ignore_errors=True)
