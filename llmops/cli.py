@@ -87,6 +87,7 @@ def run(
     except (StageError, ModelError, SpecError) as exc:
         _fail(str(exc), code=1)
     _print_outputs(name, outputs, time.perf_counter() - started)
+    _print_headlines(outputs)
 
 
 @app.command()
@@ -110,6 +111,22 @@ def stage(
         _fail(str(exc), code=1)
     _print_outputs(pipe_name, {name: {k: str(v) for k, v in result.outputs.items()}},
                    time.perf_counter() - started, metrics=result.metrics)
+
+
+def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
+    """The numbers a person looks for after a run: the evaluation and the registered version."""
+    if "evaluate" in outputs:
+        folder = Path(next(iter(outputs["evaluate"].values()))).parent
+        m = json.loads((folder / "metrics.json").read_text())
+        c, b = m["candidate"], m["base"]
+        out.print(f"evaluate: exact match {c['exact_match']:.3f} (base model {b['exact_match']:.3f}), "
+                  f"JSON valid {c['json_valid_rate']:.3f}, intent {c['intent_accuracy']:.3f}, "
+                  f"priority {c['priority_accuracy']:.3f}, article {c['article_accuracy']:.3f}; "
+                  f"latency p50 {c['latency_p50_ms']} ms, p95 {c['latency_p95_ms']} ms", highlight=False)
+    if "register" in outputs:
+        reg = json.loads(Path(outputs["register"]["registration"]).read_text())
+        out.print(f"register: {reg['model_name']} version {reg['version']} -> @{reg['alias']} "
+                  f"(MLflow {reg['tracking_uri']})", highlight=False, soft_wrap=True)
 
 
 def _print_outputs(pipeline: str, outputs: dict[str, dict[str, str]], seconds: float,

@@ -2,8 +2,9 @@
 
 Each pipeline stage becomes a DVC stage that runs ``llmops stage NAME``, tracks the
 spec keys that stage reads (its section of pipelines.yaml) as params, its code and the
-output files of the stages it needs as deps, its own files as outs, and its
-``metrics.json`` as a (git-tracked, uncached) metrics file.
+output files of the stages it needs as deps, its own files as outs, its
+``metrics.json`` as a (git-tracked, uncached) metrics file, and its plot files (training
+loss curve, confusion matrix) as uncached plots with their axes.
 """
 from __future__ import annotations
 
@@ -27,16 +28,22 @@ def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = 
     for stage in pipe.stages:
         definition = STAGES[stage]
         folder = artifacts / stage
+        plotted = {f for plot in definition.plots for f in plot}
         cmd = f"llmops stage {stage}" + ("" if name == spec.default_pipeline else f" -p {name}")
         deps = [*definition.code, *SHARED_CODE]
-        deps += [str(artifacts / need / f) for need in definition.needs for f in STAGES[need].outputs]
+        deps += [str(artifacts / need / f) for need in definition.needs
+                 for f in (*STAGES[need].outputs, METRICS_FILE) if f not in STAGES[need].metrics]
         stages[stage] = {
             "cmd": cmd,
             "deps": deps,
             "params": [{spec_file: [f"pipelines.{name}.{s}" for s in (stage, *definition.reads)]}],
-            "outs": [str(folder / f) for f in definition.outputs if f not in definition.metrics],
+            "outs": [str(folder / f) for f in definition.outputs
+                     if f not in definition.metrics and f not in plotted],
             "metrics": [{str(folder / m): {"cache": False}} for m in (METRICS_FILE, *definition.metrics)],
         }
+        if definition.plots:
+            stages[stage]["plots"] = [{str(folder / f): {"cache": False, **props}}
+                                      for plot in definition.plots for f, props in plot.items()]
     return {"stages": stages}
 
 

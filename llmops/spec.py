@@ -17,7 +17,9 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from components.base import StrictModel
 from components.features import FeaturesSpec
+from components.evaluate import EvaluateSpec
 from components.finetune import FinetuneSpec
+from components.register import RegisterSpec
 from components.ingest import IngestSpec
 from components.models import ModelSource
 from components.prepare import PrepareSpec
@@ -68,6 +70,8 @@ class PipelineSpec(StrictModel):
     features: FeaturesSpec = FeaturesSpec()
     prepare: PrepareSpec = PrepareSpec()
     finetune: FinetuneSpec = FinetuneSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    register_: RegisterSpec = Field(RegisterSpec(), alias="register")  # `register` is taken (ABC)
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from components import features, finetune, ingest, prepare, validate
+from components import evaluate, features, finetune, ingest, prepare, register, validate
 from components.base import StageIO, StageResult
 
 
@@ -23,6 +23,7 @@ class Stage:
     reads: tuple[str, ...] = ()  # other spec keys it reads, e.g. "prepare.split" (DVC params; the
     #                              section they sit in is passed in io.sections)
     metrics: tuple[str, ...] = ()  # report files in its folder that DVC shows as metrics
+    plots: tuple[dict, ...] = ()  # {file in its folder: DVC plot properties (x, y, template)}
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -40,7 +41,18 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "Feast point-in-time profiles + retrieved articles -> chat examples, hashed splits",
           reads=("features.embedding_model", "features.top_k")),
     Stage("finetune", finetune.run, ("prepare",), finetune.OUTPUTS, ("components/finetune.py",),
-          "PEFT fine-tuning on the train split, answer-only loss, early stopping, resumable"),
+          "PEFT fine-tuning on the train split, answer-only loss, early stopping, resumable",
+          plots=({"train_log.csv": {"x": "step", "y": "loss", "title": "training loss"}},)),
+    Stage("evaluate", evaluate.run, ("prepare", "finetune"), evaluate.OUTPUTS, ("components/evaluate.py",),
+          "greedy answers of the fine-tuned and the base model on the test split; metrics, slices, confusion",
+          reads=("finetune.base_model",), plots=({"confusion_intent.csv": {"template": "confusion", "x": "actual",
+                                                                          "y": "predicted",
+                                                                          "title": "intent confusion"}},)),
+    Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
+          ("components/register.py",),
+          "new MLflow model version (adapter + base model hash + model card), alias challenger",
+          reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
+                 "features.top_k", "features.embedding_model")),
 )}
 
 METRICS_FILE = "metrics.json"

@@ -87,8 +87,9 @@ def project(tmp_path: Path) -> Path:
     spec = dest / "pipelines.yaml"
     text = spec.read_text()
     assert "n_tickets: 2000" in text
-    for old, new in (("n_tickets: 2000", "n_tickets: 300"), ("max_steps: 120 ", "max_steps: 2 "),
-                     ("      batch_size: 8 ", "      batch_size: 2 "), ("eval_examples: 48 ", "eval_examples: 4 ")):
+    for old, new in (("n_tickets: 2000", "n_tickets: 300"), ("max_steps: 300 ", "max_steps: 2 "),
+                     ("      batch_size: 4 ", "      batch_size: 2 "), ("eval_examples: 48 ", "eval_examples: 4 "),
+                     ("max_examples: null ", "max_examples: 6 "), ("latency_requests: 16 ", "latency_requests: 2 ")):
         assert old in text, old
         text = text.replace(old, new)
     spec.write_text(text)

@@ -12,6 +12,7 @@ from components.prepare import read_examples
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
+STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "register")
 
 
 def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
@@ -33,10 +34,8 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
         states = dict(con.execute("select name, state_type from task_run").fetchall())
         artifacts = {k for (k,) in con.execute("select key from artifact where type = 'markdown'")}
         flow_states = [s for (s,) in con.execute("select state_type from flow_run")]
-    assert states == {"ingest": "COMPLETED", "validate": "COMPLETED", "features": "COMPLETED",
-                      "prepare": "COMPLETED", "finetune": "COMPLETED"}
-    assert artifacts == {"support-triage-ingest", "support-triage-validate", "support-triage-features",
-                         "support-triage-prepare", "support-triage-finetune"}
+    assert states == {s: "COMPLETED" for s in STAGES}
+    assert artifacts == {f"support-triage-{s}" for s in STAGES}
     # the real base model was fine-tuned (2 steps) and its adapter saved as safetensors
     trained = json.loads((out / "finetune" / "metrics.json").read_text())
     assert trained["steps"] == 2 and trained["trainable_params"] == 4_884_480
@@ -45,6 +44,13 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
     assert json.loads((out / "prepare" / "metrics.json").read_text())["retrieval_recall_at_3"] >= 0.99
     assert json.loads((out / "validate" / "validation.json").read_text())["success"] is True
     assert flow_states == ["COMPLETED"]
+    # the evaluation ran both models on the (cut) test split; the run printed the headline
+    evaluated = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert evaluated["candidate"]["n"] == evaluated["base"]["n"] == 6
+    assert evaluated["test_sha256"] == splits["test"]["sha256"]
+    assert f"evaluate: exact match {evaluated['candidate']['exact_match']:.3f}" in proc.stdout
+    assert "register: support-triage version 1 -> @challenger" in proc.stdout
+    check_mlflow(project, splits)
 
     # --from prepare reuses ingest's outputs; an override changes only what it names
     before = (out / "ingest" / "tickets.parquet").stat().st_mtime_ns
@@ -52,6 +58,41 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "ingest" / "tickets.parquet").stat().st_mtime_ns == before
     assert json.loads((out / "prepare" / "splits.json").read_text()) != splits
+
+
+def check_mlflow(project, splits):
+    """One MLflow run for the pipeline run, a nested run per stage, what each logged, and
+    the registered version, read back from the project's SQLite store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / '.llmops' / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("support-triage")
+    assert experiment.artifact_location.startswith((project / ".llmops" / "mlflow").resolve().as_uri())
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["finetune.max_steps"] == "2" and parent.data.params["prepare.split_salt"] == "tessera-v1"
+    assert parent.data.params["finetune.method.r"] == "16"
+    assert len(parent.data.tags["llmops.spec_sha256"]) == 64 and parent.data.tags["system.torch"].startswith("2.")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    finetune = children["finetune"]
+    history = client.get_metric_history(finetune.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert {m.key for m in client.get_metric_history(finetune.info.run_id, "tokens_per_s")} == {"tokens_per_s"}
+    digests = {d.dataset.name: d.dataset.digest for d in finetune.inputs.dataset_inputs}
+    assert digests == {"support-triage-train": splits["train"]["sha256"][:36],
+                       "support-triage-validation": splits["validation"]["sha256"][:36]}
+    assert "adapter/adapter_model.safetensors" in [f.path for f in client.list_artifacts(finetune.info.run_id,
+                                                                                          "adapter")]
+    assert children["evaluate"].data.metrics["candidate.n"] == 6
+    version = client.get_model_version_by_alias("support-triage", "challenger")
+    assert int(version.version) == 1 and version.run_id == children["register"].info.run_id
+    assert version.tags["data_sha256.test"] == splits["test"]["sha256"]
+    assert version.tags["spec_sha256"] == parent.data.tags["llmops.spec_sha256"]
 
 
 def test_from_a_stage_whose_inputs_are_missing_fails_clearly(project):
@@ -79,7 +120,8 @@ def test_failing_stage_keeps_the_previous_outputs(project):
 def test_bad_stage_selection(project):
     proc = run_cli(["run", "--until", "deploy"], cwd=project)
     assert proc.returncode == 2
-    assert "--until 'deploy': not a stage of this pipeline (stages: ingest, validate, features, prepare, finetune)" in proc.stderr
+    assert ("--until 'deploy': not a stage of this pipeline (stages: ingest, validate, features, prepare, "
+            "finetune, evaluate, register)") in proc.stderr
 
 
 def write_bad_dataset(folder, data):
@@ -108,4 +150,11 @@ def test_bad_data_stops_the_flow_at_validate(project, demo_small):
     with sqlite3.connect(db) as con:
         states = dict(con.execute("select name, state_type from task_run").fetchall())
     assert states == {"ingest": "COMPLETED", "validate": "FAILED"}
-    assert not (project / ".llmops" / "mlflow").exists()  # nothing trained or registered
+    # MLflow: the pipeline's run and validate's run FAILED, nothing trained or registered
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / '.llmops' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("support-triage").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("ingest", "FINISHED"), ("support-triage", "FAILED"), ("validate", "FAILED")]
+    assert client.search_registered_models() == []

@@ -10,6 +10,8 @@ from llmops import dvcfile
 from llmops.spec import load_spec
 from tests.conftest import REPO, run_cli
 
+STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "register")
+
 
 def test_committed_dvc_yaml_agrees_with_the_spec():
     spec = load_spec(REPO / "pipelines.yaml", env={})
@@ -50,16 +52,26 @@ def test_stage_params_are_only_the_keys_it_reads():
 def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     first = run_cli(["repro"], cwd=project, tool="dvc")
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("ingest", "validate", "features", "prepare", "finetune"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     out = project / "artifacts" / "support-triage"
     assert json.loads((out / "prepare" / "metrics.json").read_text())["n_test"] > 0
+    # the training curve and the confusion matrix render as DVC plots, metrics show
+    plots = run_cli(["plots", "show", "--json"], cwd=project, tool="dvc")
+    assert plots.returncode == 0, plots.stderr
+    shown = json.loads(plots.stdout)
+    assert "errors" not in shown, shown.get("errors")
+    for name in ("finetune/train_log.csv", "evaluate/confusion_intent.csv"):
+        plot = next(v for k, v in shown["data"].items() if k.endswith(name))
+        assert plot[0]["content"]["data"]["values"], name  # rendered from the stage's rows
+    shown_metrics = run_cli(["metrics", "show", "--json"], cwd=project, tool="dvc")
+    assert "exact_match" in shown_metrics.stdout
 
     second = run_cli(["repro"], cwd=project, tool="dvc")
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Stage 'ingest' didn't change, skipping" in second.stdout
-    for stage in ("ingest", "validate", "features", "prepare", "finetune"):
+    for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
 
     # A prompt parameter re-runs prepare only.
