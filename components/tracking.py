@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,11 @@ def log_dataset(path: Path, sha256: str, name: str, context: str, rows: int | No
 
     if not active():
         return
-    dataset = MetaDataset(source=resolve_dataset_source(str(Path(path).resolve())), name=name, digest=sha256[:36])
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source class twice and warns that a path is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    dataset = MetaDataset(source=source, name=name, digest=sha256[:36])
     tags = {"sha256": sha256} | ({"rows": str(rows)} if rows is not None else {})
     mlflow.log_input(dataset, context=context, tags=tags)
 

@@ -33,6 +33,9 @@ def configure_environment(spec: Spec, root: Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    # gRPC's C core logs a "too_many_pings" GOAWAY to stderr when the Milvus Lite channel of a
+    # finished stage idles for a few minutes while later stages run; the channel reconnects.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if spec.services.prefect.api_url:
         os.environ["PREFECT_API_URL"] = spec.services.prefect.api_url
     os.environ.setdefault("MLFLOW_TRACKING_URI", spec.services.mlflow.tracking_uri
