@@ -31,10 +31,6 @@ from components.base import StageError, StageIO, StageResult, StrictModel, markd
 from components.models import ModelError, resolve
 
 OUTPUTS = ("customer_profiles.parquet", "article_embeddings.parquet")
-# Feast warns on every apply that on-demand views are "experimental ... does not scale well
-# for offline retrieval"; customer_flags is two comparisons per row, so the note is noise here.
-warnings.filterwarnings("ignore", message="On demand feature view is an experimental feature",
-                        category=RuntimeWarning)
 PROFILE_FEATURES = ("plan", "tenure_days", "open_tickets_30d", "seats")  # stored in customer_profile
 FLAG_FEATURES = ("new_customer", "busy_account")  # on-demand view customer_flags, computed from the profile
 SERVED_FEATURES = PROFILE_FEATURES + FLAG_FEATURES  # what prompts can show about a customer
@@ -99,7 +95,11 @@ def apply(store, repo: Path) -> None:
     try:
         os.chdir(repo)
         sys.path.insert(0, str(repo))
-        with contextlib.redirect_stdout(_io.StringIO()):
+        with contextlib.redirect_stdout(_io.StringIO()), warnings.catch_warnings():
+            # Feast warns on every apply that on-demand views are "experimental ... does not scale
+            # well for offline retrieval"; customer_flags is two comparisons per row: noise here.
+            warnings.filterwarnings("ignore", message="On demand feature view is an experimental feature",
+                                    category=RuntimeWarning)
             apply_total(config, repo, skip_source_validation=True)
     finally:
         os.chdir(cwd)

@@ -74,10 +74,11 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
 
-    # A prompt parameter re-runs prepare only.
+    # Parameter changes, reproduced up to prepare (the stages after it re-run as in the first
+    # repro, and cost the most). A prompt parameter re-runs prepare only.
     spec = project / "pipelines.yaml"
     spec.write_text(spec.read_text().replace("Customer plan: {plan}", "Plan: {plan}"))
-    prompt = run_cli(["repro"], cwd=project, tool="dvc")
+    prompt = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
     assert prompt.returncode == 0, prompt.stderr
     assert "Stage 'validate' didn't change, skipping" in prompt.stdout
     assert "Stage 'features' didn't change, skipping" in prompt.stdout
@@ -85,14 +86,14 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
 
     # The split salt is read by validate too (leakage check), so both re-run.
     spec.write_text(spec.read_text().replace("split_salt: tessera-v1", "split_salt: tessera-v2"))
-    third = run_cli(["repro"], cwd=project, tool="dvc")
+    third = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
     assert third.returncode == 0, third.stderr
     assert "Stage 'ingest' didn't change, skipping" in third.stdout
     assert "Running stage 'validate'" in third.stdout and "Running stage 'prepare'" in third.stdout
 
     # An embedding setting re-runs features and prepare, not validate.
     spec.write_text(spec.read_text().replace("top_k: 3 ", "top_k: 4 "))
-    topk = run_cli(["repro"], cwd=project, tool="dvc")
+    topk = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
     assert topk.returncode == 0, topk.stderr
     assert "Stage 'validate' didn't change, skipping" in topk.stdout
     assert "Running stage 'prepare'" in topk.stdout
@@ -100,7 +101,7 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
 
     # An ingest parameter re-runs ingest and everything after it.
     spec.write_text(spec.read_text().replace("seed: 7 ", "seed: 8 "))
-    fourth = run_cli(["repro"], cwd=project, tool="dvc")
+    fourth = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
     assert fourth.returncode == 0, fourth.stderr
     assert "Running stage 'ingest'" in fourth.stdout and "Running stage 'prepare'" in fourth.stdout
     assert "seed: 8 " in spec.read_text()
