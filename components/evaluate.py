@@ -13,6 +13,7 @@ it is cached under ``<state_dir>/cache/evaluate/`` by their hashes and reused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from pydantic import Field
 
 from components import tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
-from components.models import ModelError, check_safe_weights, resolve
+from components.models import ModelError, check_safe_weights, resolve, weights_sha256
 
 OUTPUTS = ("predictions.jsonl", "confusion_intent.csv", "report.md")
 LABELS = ("intent", "priority", "article_id")
@@ -226,23 +227,6 @@ def load_base(base_path: str, device):
     return tokenizer, model.to(device)
 
 
-def weights_sha256(folder: Path, state_dir: Path) -> str:
-    """SHA-256 over a model folder's safetensors files, memoised by size and mtime."""
-    import hashlib
-
-    memo_path = state_dir / "cache" / "sha256.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        stat = path.stat()
-        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = file_sha256(path)
-        digest.update(f"{path.name}:{memo[key]}\n".encode())
-    write_json(memo_path, memo)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- the stage
 
 def run(cfg: EvaluateSpec, io: StageIO) -> StageResult:
@@ -267,11 +251,9 @@ def run(cfg: EvaluateSpec, io: StageIO) -> StageResult:
     candidate = evaluate_model(model, tokenizer, examples, cfg, "candidate")
     del model
 
-    base_sha = weights_sha256(Path(base_path), io.state_dir) if Path(base_path).is_dir() else base_path
+    base_sha = weights_sha256(base_path, io.state_dir)
     settings = cfg.model_dump(exclude={"cache_base", "latency_requests"}) | {"version": CACHE_VERSION}
     key = json.dumps({"base": base_sha, "test": file_sha256(test_path), "settings": settings}, sort_keys=True)
-    import hashlib
-
     cache_file = io.state_dir / "cache" / "evaluate" / f"base-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     if cfg.cache_base and cache_file.exists():
         base = json.loads(cache_file.read_text()) | {"cached": True}

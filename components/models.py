@@ -23,7 +23,7 @@ from typing import Annotated, Callable, Literal, Union
 
 from pydantic import Field
 
-from components.base import StrictModel
+from components.base import StrictModel, file_sha256, write_json
 
 # The chat end token of SmolLM2; the GGUF metadata names <|im_start|> as eos instead.
 IM_END = "<|im_end|>"
@@ -121,6 +121,27 @@ def check_safe_weights(folder: Path) -> None:
     unsafe = [p.name for pattern in UNSAFE_WEIGHTS for p in folder.glob(pattern)]
     why = f"only pickle-based weights ({', '.join(unsafe)})" if unsafe else "no .safetensors weights"
     raise ModelError(f"{folder}: {why}; convert them to safetensors first (pickle weights can run code)")
+
+
+def weights_sha256(ref: str, state_dir: Path) -> str:
+    """SHA-256 over a model folder's safetensors files (memoised by path, size and mtime in
+    ``<state_dir>/cache/sha256.json``); a hub id is returned as it is."""
+    import hashlib
+
+    folder = Path(ref)
+    if not folder.is_dir():
+        return ref
+    memo_path = state_dir / "cache" / "sha256.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        stat = path.stat()
+        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = file_sha256(path)
+        digest.update(f"{path.name}:{memo[key]}\n".encode())
+    write_json(memo_path, memo)
+    return digest.hexdigest()
 
 
 def load_causal_lm(path: str, dtype: str = "float32"):

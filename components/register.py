@@ -19,7 +19,7 @@ from pydantic import Field
 
 from components import tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
-from components.models import ModelError, resolve
+from components.models import ModelError, resolve, weights_sha256
 
 OUTPUTS = ("model", "registration.json")
 MANIFEST = "llmops-model.json"
@@ -118,7 +118,6 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components.evaluate import weights_sha256
     from components.finetune import FinetuneSpec
 
     ft_cfg: FinetuneSpec = io.sections.get("finetune", FinetuneSpec())
@@ -134,7 +133,7 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
         raise StageError("evaluate's metrics are for a different test split than prepare's "
                          f"({evaluation.get('test_sha256', '?')[:12]} vs {splits['test']['sha256'][:12]}); "
                          "run the evaluate stage again")
-    base_sha = weights_sha256(base_path, io.state_dir) if base_path.is_dir() else str(base_path)
+    base_sha = weights_sha256(str(base_path), io.state_dir)
     prepare_cfg, features_cfg = io.sections.get("prepare"), io.sections.get("features")
     catalog_entry = io.models.get(ft_cfg.base_model)
     manifest = {

@@ -148,8 +148,8 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str,
                      s3_endpoint_url=spec.services.storage.s3_endpoint_url,
                      sections={name: pipe.section(name) for name in read_sections}, models=dict(spec.models),
                      feature_repo=(root / spec.services.feast.repo).resolve(),
-                     context={"git_commit": run.data.tags.get("llmops.git_commit", "unknown"),
-                              "spec_sha256": spec_sha256(spec, pipeline), "mlflow_run_id": run.info.run_id,
+                     context={"git_commit": run.data.tags["llmops.git_commit"],
+                              "spec_sha256": run.data.tags["llmops.spec_sha256"], "mlflow_run_id": run.info.run_id,
                               "mlflow_parent_run_id": parent_run_id})
         result = _run_in_folder(definition, pipe.section(stage), io, partial, final)
         tracking.log_metrics(result.metrics)
