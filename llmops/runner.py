@@ -34,7 +34,8 @@ def configure_environment(spec: Spec, root: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     # gRPC's C core logs a "too_many_pings" GOAWAY to stderr when the Milvus Lite channel of a
-    # finished stage idles for a few minutes while later stages run; the channel reconnects.
+    # finished stage idles for a few minutes while later stages run. This only hides the line:
+    # a later Feast call in the same process can still fail to reconnect (README: known issue).
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if spec.services.prefect.api_url:
         os.environ["PREFECT_API_URL"] = spec.services.prefect.api_url
