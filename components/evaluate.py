@@ -24,7 +24,7 @@ from pydantic import Field
 
 from components import tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
-from components.models import ModelError, check_safe_weights, resolve, weights_sha256
+from components.models import check_safe_weights, weights_sha256
 
 OUTPUTS = ("predictions.jsonl", "confusion_intent.csv", "report.md")
 LABELS = ("intent", "priority", "article_id")
@@ -119,7 +119,7 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_ne
     Returns (answers in input order, generated tokens, seconds)."""
     import torch
 
-    device = next(model.parameters()).device
+    device = model.device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     generated, started = 0, time.perf_counter()
@@ -152,7 +152,7 @@ def gold_perplexity(model, tokenizer, examples: list[dict], batch_size: int) -> 
 
     from components.finetune import IGNORE, collate, encode
 
-    device = next(model.parameters()).device
+    device = model.device
     nll, count = 0.0, 0
     encoded = sorted((encode(e, tokenizer) for e in examples), key=lambda e: len(e[0]))
     with torch.no_grad():
@@ -233,14 +233,10 @@ def run(cfg: EvaluateSpec, io: StageIO) -> StageResult:
     """Evaluate the fine-tuned adapter and the base model on prepare's test split."""
     import torch
 
-    from components.finetune import FinetuneSpec
+    from components.finetune import base_model_of
     from components.prepare import read_examples
 
-    ft_cfg: FinetuneSpec = io.sections.get("finetune", FinetuneSpec())
-    try:
-        base_path = resolve(ft_cfg.base_model, io.models, io.state_dir)
-    except ModelError as exc:
-        raise StageError(f"finetune.base_model: {exc}") from exc
+    base_path = base_model_of(io)
     test_path = io.inputs["prepare"] / "test.jsonl"
     examples = read_examples(test_path)[:cfg.max_examples]
     if not examples:

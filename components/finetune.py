@@ -131,6 +131,16 @@ class FinetuneSpec(StrictModel):
     seed: int = 7
 
 
+def base_model_of(io: StageIO) -> str:
+    """The local path of the base model a later stage (evaluate, compress) loads: the
+    finetune section's ``base_model``, resolved through the catalog."""
+    cfg: FinetuneSpec = io.sections.get("finetune", FinetuneSpec())
+    try:
+        return resolve(cfg.base_model, io.models, io.state_dir)
+    except ModelError as exc:
+        raise StageError(f"finetune.base_model: {exc}") from exc
+
+
 # ---------------------------------------------------------------- data
 
 def encode(example: dict, tokenizer) -> tuple[list[int], list[int]]:

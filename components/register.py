@@ -5,8 +5,10 @@ tokenizer, ``llmops-model.json`` naming the base model by catalog entry and SHA-
 weights plus the prompt settings serving must use, and a model card (``README.md``). The
 base weights are referenced, not copied: a LoRA adapter is ~20 MB, the merged model
 ~540 MB per version, and the hash makes the reference exact (serving refuses other
-weights). The version is tagged with the git commit, the spec hash, the data hashes and
-the headline metrics; the ``challenger`` alias moves to it.
+weights). When the pipeline has a compress stage, the variant it chose (e.g. ONNX int8) is
+added under ``model/serving/`` with its file hashes in the manifest, so serving loads it
+without rebuilding it. The version is tagged with the git commit, the spec hash, the data
+hashes and the headline metrics; the ``challenger`` alias moves to it.
 """
 from __future__ import annotations
 
@@ -33,13 +35,44 @@ class RegisterSpec(StrictModel):
     license: str = "apache-2.0"  # the base model's licence (SmolLM2: Apache 2.0); the adapter inherits it
 
 
-def build_package(folder: Path, adapter: Path, manifest: dict, card: str) -> Path:
-    """The folder a version holds: adapter/, the manifest and the model card."""
+def build_package(folder: Path, adapter: Path, manifest: dict, card: str, serving: Path | None = None) -> Path:
+    """The folder a version holds: adapter/, serving/ (the chosen compressed variant, if any),
+    the manifest and the model card."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(adapter, folder / "adapter")
+    if serving is not None:
+        shutil.copytree(serving, folder / "serving")
     write_json(folder / MANIFEST, manifest)
     (folder / "README.md").write_text(card, encoding="utf-8")
     return folder
+
+
+def serving_entry(compress_dir: Path) -> dict:
+    """The manifest's ``serving`` entry for compress's chosen variant: what it is, its files'
+    hashes, and how it measured against the uncompressed model."""
+    report = json.loads((compress_dir / "metrics.json").read_text())
+    chosen = report["chosen"]
+    m = report["variants"][chosen]
+    folder = compress_dir / "model"
+    return {"variant": chosen, "format": m["format"], "folder": "serving",
+            "files_sha256": {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()},
+            "reason": report["reason"],
+            "validation": {k: m[k] for k in ("size_mb", "tokens_per_s_batch1", "tokens_per_s_batch8",
+                                             "request_latency_p95_ms", "exact_match", "json_valid_rate",
+                                             "perplexity", "jaccard_at_1")},
+            "vs_uncompressed": m["vs_reference"]}
+
+
+def _serving_card(manifest: dict) -> str:
+    serving = manifest.get("serving")
+    if not serving:
+        return ""
+    v, r = serving["validation"], serving["vs_uncompressed"]
+    return (f"\n## Serving variant\n\n`serving/` holds **{serving['variant']}** ({serving['format']}), chosen by the "
+            f"compress stage: {serving['reason']}.\n\n| | |\n|---|---|\n| size | {v['size_mb']} MB "
+            f"({100 * r['size_ratio']:.0f}% of the merged fp32 model) |\n| tokens/s at batch 1 | "
+            f"{v['tokens_per_s_batch1']} ({r['speedup_batch1']}x) |\n| exact match (validation) | {v['exact_match']} "
+            f"({100 * r['exact_match_change']:+.1f} pts) |\n| top-1 agreement with the fp32 model | {v['jaccard_at_1']} |\n")
 
 
 def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: dict, splits: dict) -> str:
@@ -95,7 +128,7 @@ model = PeftModel.from_pretrained(base, f"{{folder}}/adapter").merge_and_unload(
 # Build the prompt with components/features.py: online_context (same template as training),
 # then generate greedily and parse the answer with components/evaluate.py: parse_answer.
 ```
-
+{_serving_card(manifest)}
 ## Limitations and biases
 
 - Trained on the demo's synthetic tickets (8 intents, 5 products, English plus a little
@@ -155,8 +188,12 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
         "spec_sha256": io.context.get("spec_sha256", "unknown"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    serving = io.inputs.get("compress")
+    if serving is not None:
+        manifest["serving"] = serving_entry(serving)
     card = model_card(cfg, manifest, evaluation, training, splits)
-    package = build_package(io.out_dir / "model", adapter, manifest, card)
+    package = build_package(io.out_dir / "model", adapter, manifest, card,
+                            serving / "model" if serving is not None else None)
 
     started = None if mlflow.active_run() else mlflow.start_run(run_name="register")
     try:
@@ -174,6 +211,8 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
                 "adapter_sha256": manifest["adapter_sha256"], "llmops.pipeline": io.pipeline,
                 **{f"data_sha256.{s}": h for s, h in manifest["data_sha256"].items()},
                 **{f"metric.{k}": str(v) for k, v in manifest["metrics"].items()}}
+        if "serving" in manifest:
+            tags["serving_variant"] = manifest["serving"]["variant"]
         version = client.create_model_version(cfg.model_name, source=f"{run.info.artifact_uri}/model",
                                               run_id=run.info.run_id, tags=tags, description=card)
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)

@@ -114,7 +114,7 @@ def stage(
 
 
 def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
-    """The numbers a person looks for after a run: the evaluation and the registered version."""
+    """The numbers a person looks for after a run: evaluation, compression, the registered version."""
     if "evaluate" in outputs:
         folder = Path(next(iter(outputs["evaluate"].values()))).parent
         m = json.loads((folder / "metrics.json").read_text())
@@ -123,6 +123,15 @@ def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
                   f"JSON valid {c['json_valid_rate']:.3f}, intent {c['intent_accuracy']:.3f}, "
                   f"priority {c['priority_accuracy']:.3f}, article {c['article_accuracy']:.3f}; "
                   f"latency p50 {c['latency_p50_ms']} ms, p95 {c['latency_p95_ms']} ms", highlight=False)
+    if "compress" in outputs:
+        folder = Path(next(iter(outputs["compress"].values()))).parent
+        m = json.loads((folder / "metrics.json").read_text())
+        chosen = m["variants"][m["chosen"]]
+        r = chosen["vs_reference"]
+        out.print(f"compress: chose {m['chosen']}: {chosen['size_mb']} MB ({100 * r['size_ratio']:.0f}% of "
+                  f"{m['reference']}), {chosen['tokens_per_s_batch1']} tokens/s at batch 1 ({r['speedup_batch1']}x), "
+                  f"exact match {chosen['exact_match']:.3f} ({100 * r['exact_match_change']:+.1f} pts) on "
+                  f"{m['validation_examples']} validation chats", highlight=False, soft_wrap=True)
     if "register" in outputs:
         reg = json.loads(Path(outputs["register"]["registration"]).read_text())
         out.print(f"register: {reg['model_name']} version {reg['version']} -> @{reg['alias']} "

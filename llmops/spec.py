@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from components.base import StrictModel
+from components.compress import CompressSpec
 from components.features import FeaturesSpec
 from components.evaluate import EvaluateSpec
 from components.finetune import FinetuneSpec
@@ -71,6 +72,7 @@ class PipelineSpec(StrictModel):
     prepare: PrepareSpec = PrepareSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    compress: CompressSpec = CompressSpec()
     register_: RegisterSpec = Field(RegisterSpec(), alias="register")  # `register` is taken (ABC)
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
@@ -88,6 +90,10 @@ class PipelineSpec(StrictModel):
             missing = [n for n in STAGES[name].needs if n not in stages[:i]]
             if missing:
                 raise ValueError(f"stage {name!r} needs {', '.join(missing)} before it")
+            late = [n for n in STAGES[name].optional if n in stages[i:]]
+            if late:
+                raise ValueError(f"stage {name!r} reads {', '.join(late)} when the pipeline has it, so it must "
+                                 "come before")
         return stages
 
     @field_validator("retries")

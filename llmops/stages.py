@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from components import evaluate, features, finetune, ingest, prepare, register, validate
+from components import compress, evaluate, features, finetune, ingest, prepare, register, validate
 from components.base import StageIO, StageResult
 
 
@@ -24,6 +24,11 @@ class Stage:
     #                              section they sit in is passed in io.sections)
     metrics: tuple[str, ...] = ()  # report files in its folder that DVC shows as metrics
     plots: tuple[dict, ...] = ()  # {file in its folder: DVC plot properties (x, y, template)}
+    optional: tuple[str, ...] = ()  # stages it also reads when the pipeline has them (e.g. compress)
+
+    def inputs(self, stages: list[str]) -> tuple[str, ...]:
+        """The stages whose folders this one reads in a pipeline made of ``stages``."""
+        return self.needs + tuple(s for s in self.optional if s in stages)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -48,9 +53,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           reads=("finetune.base_model",), plots=({"confusion_intent.csv": {"template": "confusion", "x": "actual",
                                                                           "y": "predicted",
                                                                           "title": "intent confusion"}},)),
+    Stage("compress", compress.run, ("prepare", "finetune"), compress.OUTPUTS,
+          ("components/compress.py", "components/evaluate.py"),
+          "merged, ONNX, int8/int4, pruned and distilled variants measured on validation; one chosen under "
+          "the quality budget", reads=("finetune.base_model",),
+          plots=({"quality_speed.csv": {"template": "scatter", "x": "tokens_per_s_batch1", "y": "exact_match",
+                                        "title": "compression: quality vs speed"}},)),
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
           ("components/register.py",),
-          "new MLflow model version (adapter + base model hash + model card), alias challenger",
+          "new MLflow model version (adapter + base model hash + model card + chosen compressed variant), "
+          "alias challenger", optional=("compress",),
           reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
                  "features.top_k", "features.embedding_model")),
 )}

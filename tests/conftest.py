@@ -72,8 +72,8 @@ def run_cli(args: list[str], cwd: Path, check: bool = False, tool: str = "llmops
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the project's spec, dvc.yaml and components in a new git repo, with the
-    demo cut to 300 tickets and fine-tuning to 2 steps of 2 chats on the real base model,
-    so the whole pipeline runs in well under a minute."""
+    demo cut to 300 tickets, fine-tuning to 2 steps of 2 chats on the real base model and
+    compression to one ONNX variant measured on 4 chats."""
     dest = tmp_path / "project"
     dest.mkdir()
     for name in PROJECT_FILES:
@@ -89,7 +89,11 @@ def project(tmp_path: Path) -> Path:
     assert "n_tickets: 2000" in text
     for old, new in (("n_tickets: 2000", "n_tickets: 300"), ("max_steps: 300 ", "max_steps: 2 "),
                      ("      batch_size: 4 ", "      batch_size: 2 "), ("eval_examples: 48 ", "eval_examples: 4 "),
-                     ("max_examples: null ", "max_examples: 6 "), ("latency_requests: 16 ", "latency_requests: 2 ")):
+                     ("max_examples: null ", "max_examples: 6 "), ("latency_requests: 16 ", "latency_requests: 2 "),
+                     # compress: only the weight-only int8 variant (and merged, onnx, its parents), 4 chats
+                     ("variants: [merged, onnx, int8_dynamic, int8_static, int8_weight, int4_weight, pruned, distilled]",
+                      "variants: [int8_weight]"), ("examples: null ", "examples: 4 "),
+                     ("latency_requests: 8 ", "latency_requests: 2 "), ("forward_repeats: 10 ", "forward_repeats: 2 ")):
         assert old in text, old
         text = text.replace(old, new)
     spec.write_text(text)

@@ -23,7 +23,8 @@ def test_shipped_spec_is_valid():
     spec = load_spec(SPEC, env={})
     name, pipe = spec.pipeline(None)
     assert name == "support-triage"
-    assert pipe.stages == ["ingest", "validate", "features", "prepare", "finetune", "evaluate", "register"]
+    assert pipe.stages == ["ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress",
+                           "register"]
     assert spec.services.prefect.api_url is None  # ${PREFECT_API_URL:-} unset -> ephemeral
     assert set(spec.models) == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
 
@@ -57,6 +58,13 @@ def test_error_names_file_line_key_and_value(tmp_path):
      "pipelines.support-triage.stages: stage 'validate' needs ingest before it (from --set)"),
     ("stages=[ingest,validate,prepare]",
      "pipelines.support-triage.stages: stage 'prepare' needs features before it (from --set)"),
+    ("stages=[ingest,validate,features,prepare,finetune,evaluate,register,compress]",
+     "pipelines.support-triage.stages: stage 'register' reads compress when the pipeline has it, so it must come "
+     "before (from --set)"),
+    ("compress.variants=[merged,int3]", "pipelines.support-triage.compress.variants.1: must be 'merged', 'onnx', "
+     "'int8_dynamic', 'int8_static', 'int8_weight', 'int4_weight', 'pruned' or 'distilled' (got 'int3') (from --set)"),
+    ("compress.int4_weight.block_size=48",
+     "pipelines.support-triage.compress.int4_weight: block_size must be a power of two, got 48 (from --set)"),
     ("features.top_k=0", "pipelines.support-triage.features.top_k: must be > 0 (got 0) (from --set)"),
     pytest.param("finetune.method.kind=qlora",
                  "pipelines.support-triage.finetune.method: qlora quantizes the base model to 4 bits with bitsandbytes "
