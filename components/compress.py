@@ -111,7 +111,7 @@ class DistilledSpec(StrictModel):
     max_steps: int = Field(120, gt=0)
     max_minutes: float = Field(8, gt=0)  # wall-clock budget; training stops there
     batch_size: int = Field(4, gt=0)
-    learning_rate: float = Field(1e-4, gt=0)  # all student weights are trained
+    learning_rate: float = Field(1e-4, gt=0)  # the student's blocks are trained (the embedding/head stays)
     warmup_steps: int = Field(10, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # as in finetune
     seed: int = 7
@@ -436,8 +436,12 @@ def distill(teacher_dir: Path, out: Path, cfg: DistilledSpec, train_examples: li
     tokenizer, teacher = load_causal_lm(str(teacher_dir))
     teacher.to(device, dtype).eval()
     student = make_student(teacher_dir, cfg.student, models, state_dir).to(device, dtype).train()
+    # The token embedding (tied to the output head) stays as it is: a fifth of the weights,
+    # shared with the teacher's vocabulary, and the costliest part to train.
+    student.get_input_embeddings().weight.requires_grad_(False)
     encoded = [encode(e, tokenizer) for e in train_examples]
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=0.0)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -454,12 +458,18 @@ def distill(teacher_dir: Path, out: Path, cfg: DistilledSpec, train_examples: li
             epoch += 1
         ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in order.pop()],
                                                            tokenizer.pad_token_id))
-        answer = labels[:, 1:] != IGNORE  # position p predicts token p + 1
+        # the output head only from the first answer position on (as in finetune's answer_loss):
+        # position p predicts token p + 1, and only answer tokens count
+        is_answer = labels != IGNORE
+        first = max(int(torch.where(is_answer.any(1), is_answer.int().argmax(1), labels.shape[1]).min()) - 1, 0)
+        keep = torch.arange(first, ids.shape[1] - 1, device=device)
+        target = labels[:, first + 1:]
+        answer = target != IGNORE
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1][answer]
-            s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1][answer]
-        loss, kl, ce = distillation_loss(s_logits, t_logits, labels[:, 1:][answer], cfg.temperature, cfg.alpha)
+                t_logits = teacher(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[answer]
+            s_logits = student(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[answer]
+        loss, kl, ce = distillation_loss(s_logits, t_logits, target[answer], cfg.temperature, cfg.alpha)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
@@ -478,7 +488,8 @@ def distill(teacher_dir: Path, out: Path, cfg: DistilledSpec, train_examples: li
     student.to(torch.float32).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return {"format": "safetensors", "student_layers": student.config.num_hidden_layers,
-            "student_params": sum(p.numel() for p in student.parameters()), "steps": step, "stopped_by": stopped_by,
+            "student_params": sum(p.numel() for p in student.parameters()),
+            "trained_params": sum(p.numel() for p in student.parameters() if p.requires_grad), "steps": step, "stopped_by": stopped_by,
             "minutes": round((time.perf_counter() - started) / 60, 2), **{f"final_{k}": v for k, v in last.items()}}
 
 

@@ -201,7 +201,12 @@ def test_pruned_and_distilled_report_what_they_did(compressed):
         (variants / "merged" / "model.safetensors").stat().st_size
     distilled = m["distilled"]["details"]
     assert distilled["student_layers"] == 1 and distilled["steps"] == 3
-    assert math.isfinite(distilled["final_loss"])
+    assert math.isfinite(distilled["final_loss"]) and distilled["trained_params"] < distilled["student_params"]
+    from safetensors.torch import load_file
+
+    student, teacher = (load_file(variants / n / "model.safetensors") for n in ("distilled", "merged"))
+    assert torch.equal(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])  # kept
+    assert not torch.equal(student["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_magnitude_pruning_reaches_the_declared_sparsity(compressed, tmp_path):
