@@ -6,7 +6,10 @@ weights plus the prompt settings serving must use, and a model card (``README.md
 base weights are referenced, not copied: a LoRA adapter is ~20 MB, the merged model
 ~540 MB per version, and the hash makes the reference exact (serving refuses other
 weights). The version is tagged with the git commit, the spec hash, the data hashes and
-the headline metrics; the ``challenger`` alias moves to it.
+the headline metrics; the ``challenger`` alias moves to it. When the pipeline checks gates
+before registering, the gate report goes into the version (``model/gates.json``, a section
+of the model card) and its outcome into tags: ``gates.status`` (passed/failed) and
+``gates.failed`` (the names of the failed gates).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from components.models import ModelError, resolve, weights_sha256
 OUTPUTS = ("model", "registration.json")
 MANIFEST = "llmops-model.json"
 HEADLINE = ("exact_match", "json_valid_rate", "intent_accuracy", "priority_accuracy", "article_accuracy")
+TAGGED = (*HEADLINE, "perplexity")  # recorded as metric.* tags: what champion gates compare
 
 
 class RegisterSpec(StrictModel):
@@ -33,16 +37,19 @@ class RegisterSpec(StrictModel):
     license: str = "apache-2.0"  # the base model's licence (SmolLM2: Apache 2.0); the adapter inherits it
 
 
-def build_package(folder: Path, adapter: Path, manifest: dict, card: str) -> Path:
-    """The folder a version holds: adapter/, the manifest and the model card."""
+def build_package(folder: Path, adapter: Path, manifest: dict, card: str, gates: Path | None = None) -> Path:
+    """The folder a version holds: adapter/, the manifest, the model card (and the gate report)."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(adapter, folder / "adapter")
+    if gates is not None:
+        shutil.copy(gates, folder / "gates.json")
     write_json(folder / MANIFEST, manifest)
     (folder / "README.md").write_text(card, encoding="utf-8")
     return folder
 
 
-def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: dict, splits: dict) -> str:
+def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: dict, splits: dict,
+               gates: dict | None = None) -> str:
     """The version's README.md: description, data, results, usage, limitations, licence."""
     cand, base = evaluation["candidate"], evaluation["base"]
     rows = [{"metric": k, "fine-tuned": cand[k], "base model": base[k]}
@@ -52,6 +59,13 @@ def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: di
     slice_rows = [{"slice": f"{field}={value}", "n": m["n"], "exact match": m["exact_match"]}
                   for field, values in slices.items() for value, m in values.items()]
     weakest = min(slice_rows, key=lambda r: r["exact match"]) if slice_rows else None
+    gate_section = ""
+    if gates is not None:
+        from components.gates import rows_for_display
+
+        gate_section = (f"\n## Gates: {gates['status']}\n\n"
+                        + markdown_table([{k: r[k] for k in ("gate", "observed", "threshold", "margin", "result")}
+                                          for r in rows_for_display(gates)]) + "\n")
     return f"""# {cfg.model_name}
 
 {cfg.description}
@@ -80,7 +94,7 @@ ticket, rendered as chats; split by a hash of the ticket id.
 Exact match by slice:
 
 {markdown_table(slice_rows)}
-
+{gate_section}
 ## Usage
 
 ```python
@@ -149,14 +163,18 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
                    "top_k": getattr(features_cfg, "top_k", None),
                    "embedding_model": getattr(features_cfg, "embedding_model", None)},
         "data_sha256": {s: m["sha256"] for s, m in splits.items()},
-        "metrics": {k: evaluation["candidate"][k] for k in HEADLINE} | {
+        "metrics": {k: evaluation["candidate"][k] for k in TAGGED} | {
             "base_exact_match": evaluation["base"]["exact_match"]},
         "git_commit": io.context.get("git_commit", "unknown"),
         "spec_sha256": io.context.get("spec_sha256", "unknown"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    card = model_card(cfg, manifest, evaluation, training, splits)
-    package = build_package(io.out_dir / "model", adapter, manifest, card)
+    gates_file = io.inputs["gates"] / "report.json" if "gates" in io.inputs else None
+    gates = json.loads(gates_file.read_text()) if gates_file else None
+    if gates is not None and gates.get("test_sha256") != splits["test"]["sha256"]:
+        raise StageError("the gate report is for a different test split than prepare's; run the gates stage again")
+    card = model_card(cfg, manifest, evaluation, training, splits, gates)
+    package = build_package(io.out_dir / "model", adapter, manifest, card, gates_file)
 
     started = None if mlflow.active_run() else mlflow.start_run(run_name="register")
     try:
@@ -174,6 +192,8 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
                 "adapter_sha256": manifest["adapter_sha256"], "llmops.pipeline": io.pipeline,
                 **{f"data_sha256.{s}": h for s, h in manifest["data_sha256"].items()},
                 **{f"metric.{k}": str(v) for k, v in manifest["metrics"].items()}}
+        if gates is not None:
+            tags |= {"gates.status": gates["status"], "gates.failed": ",".join(gates["failed"])}
         version = client.create_model_version(cfg.model_name, source=f"{run.info.artifact_uri}/model",
                                               run_id=run.info.run_id, tags=tags, description=card)
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
@@ -183,8 +203,12 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     registration = {"model_name": cfg.model_name, "version": int(version.version), "alias": cfg.alias,
                     "source": version.source, "run_id": run.info.run_id,
                     "tracking_uri": mlflow.get_tracking_uri()}
+    if gates is not None:
+        registration |= {"gates_status": gates["status"], "gates_failed": gates["failed"],
+                         "gates_report_sha256": file_sha256(gates_file)}
     write_json(io.out_dir / "registration.json", registration)
-    summary = (f"### register\n`{cfg.model_name}` version {version.version} -> alias `{cfg.alias}` "
+    gate_note = f", gates {gates['status']}" if gates is not None else ""
+    summary = (f"### register\n`{cfg.model_name}` version {version.version} -> alias `{cfg.alias}`{gate_note} "
                f"(base `{ft_cfg.base_model}` sha256 {base_sha[:12]}, adapter {manifest['adapter_sha256'][:12]}).\n\n"
                + markdown_table([{"metric": k, "value": v} for k, v in manifest["metrics"].items()]))
     return StageResult(outputs={"model": package, "registration": io.out_dir / "registration.json"},
