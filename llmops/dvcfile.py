@@ -31,7 +31,8 @@ def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = 
         plotted = {f for plot in definition.plots for f in plot}
         cmd = f"llmops stage {stage}" + ("" if name == spec.default_pipeline else f" -p {name}")
         deps = [*definition.code, *SHARED_CODE]
-        deps += [str(artifacts / need / f) for need in definition.needs
+        needs = (*definition.needs, *(n for n in definition.optional if n in pipe.stages))
+        deps += [str(artifacts / need / f) for need in needs
                  for f in (*STAGES[need].outputs, METRICS_FILE) if f not in STAGES[need].metrics]
         stages[stage] = {
             "cmd": cmd,

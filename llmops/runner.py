@@ -132,7 +132,7 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str,
     if stage not in pipe.stages:
         raise StageError(f"pipeline {pipeline!r} has no stage {stage!r} (stages: {', '.join(pipe.stages)})")
     inputs = {}
-    for need in definition.needs:
+    for need in (*definition.needs, *(n for n in definition.optional if n in pipe.stages)):
         folder = stage_dir(spec, root, pipeline, need)
         missing = [f for f in STAGES[need].outputs if not (folder / f).exists()]
         if missing:

@@ -19,10 +19,12 @@ from components.base import StrictModel
 from components.features import FeaturesSpec
 from components.evaluate import EvaluateSpec
 from components.finetune import FinetuneSpec
+from components.gates import GatesSpec
 from components.register import RegisterSpec
 from components.ingest import IngestSpec
 from components.models import ModelSource
 from components.prepare import PrepareSpec
+from components.promote import PromoteSpec
 from components.validate import ValidateSpec
 from llmops.stages import STAGES
 
@@ -71,7 +73,9 @@ class PipelineSpec(StrictModel):
     prepare: PrepareSpec = PrepareSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    gates: GatesSpec = GatesSpec()
     register_: RegisterSpec = Field(RegisterSpec(), alias="register")  # `register` is taken (ABC)
+    promote: PromoteSpec = PromoteSpec()
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
 
@@ -88,6 +92,9 @@ class PipelineSpec(StrictModel):
             missing = [n for n in STAGES[name].needs if n not in stages[:i]]
             if missing:
                 raise ValueError(f"stage {name!r} needs {', '.join(missing)} before it")
+            late = [n for n in STAGES[name].optional if n in stages[i:]]
+            if late:
+                raise ValueError(f"stage {name!r} reads {', '.join(late)}: put it before {name!r}")
         return stages
 
     @field_validator("retries")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from components import evaluate, features, finetune, ingest, prepare, register, validate
+from components import evaluate, features, finetune, gates, ingest, prepare, promote, register, validate
 from components.base import StageIO, StageResult
 
 
@@ -24,6 +24,8 @@ class Stage:
     #                              section they sit in is passed in io.sections)
     metrics: tuple[str, ...] = ()  # report files in its folder that DVC shows as metrics
     plots: tuple[dict, ...] = ()  # {file in its folder: DVC plot properties (x, y, template)}
+    optional: tuple[str, ...] = ()  # stages whose output folders it reads when the pipeline has them
+    #                                 (they must then run before it), e.g. gates reads compress's report
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -48,11 +50,20 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           reads=("finetune.base_model",), plots=({"confusion_intent.csv": {"template": "confusion", "x": "actual",
                                                                           "y": "predicted",
                                                                           "title": "intent confusion"}},)),
+    Stage("gates", gates.run, ("prepare", "finetune", "evaluate"), gates.OUTPUTS,
+          ("components/gates.py", "components/probes.py"),
+          "every declared gate: absolute, vs base, vs champion, operational budgets, behaviour, safety",
+          reads=("finetune.base_model", "evaluate", "prepare.system_prompt", "prepare.user_template",
+                 "register.model_name"),
+          optional=("compress",)),
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
           ("components/register.py",),
-          "new MLflow model version (adapter + base model hash + model card), alias challenger",
+          "new MLflow model version (adapter + base model hash + model card + gate report), alias challenger",
           reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
-                 "features.top_k", "features.embedding_model")),
+                 "features.top_k", "features.embedding_model"), optional=("gates",)),
+    Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS, ("components/promote.py",
+                                                                           "components/registry.py"),
+          "champion <- the new version when every gate passed (previous <- the old champion); else stop"),
 )}
 
 METRICS_FILE = "metrics.json"

@@ -73,7 +73,9 @@ def run_cli(args: list[str], cwd: Path, check: bool = False, tool: str = "llmops
 def project(tmp_path: Path) -> Path:
     """A copy of the project's spec, dvc.yaml and components in a new git repo, with the
     demo cut to 300 tickets and fine-tuning to 2 steps of 2 chats on the real base model,
-    so the whole pipeline runs in well under a minute."""
+    so the whole pipeline runs in well under a minute. Such a model cannot pass the shipped
+    gates, so promotion runs in ``warn`` mode (tests of enforcement set it back) and the
+    behavioural and safety probes use 2 test chats."""
     dest = tmp_path / "project"
     dest.mkdir()
     for name in PROJECT_FILES:
@@ -89,7 +91,8 @@ def project(tmp_path: Path) -> Path:
     assert "n_tickets: 2000" in text
     for old, new in (("n_tickets: 2000", "n_tickets: 300"), ("max_steps: 300 ", "max_steps: 2 "),
                      ("      batch_size: 4 ", "      batch_size: 2 "), ("eval_examples: 48 ", "eval_examples: 4 "),
-                     ("max_examples: null ", "max_examples: 6 "), ("latency_requests: 16 ", "latency_requests: 2 ")):
+                     ("max_examples: null ", "max_examples: 6 "), ("latency_requests: 16 ", "latency_requests: 2 "),
+                     ("probe_examples: 8 ", "probe_examples: 2 "), ("mode: enforce ", "mode: warn ")):
         assert old in text, old
         text = text.replace(old, new)
     spec.write_text(text)
