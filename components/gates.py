@@ -270,7 +270,7 @@ def operational(candidate: dict, compress_report: dict | None, weights: list[Pat
         if candidate.get("latency_p50_ms") is None:
             raise StageError("evaluate measured no latency (evaluate.latency_requests is 0); budget gates need it")
         p50, p95, tps = candidate["latency_p50_ms"], candidate["latency_p95_ms"], candidate["generated_tokens_per_s"]
-        size, source = folder_mb(*weights), "fine-tuned model (base + adapter), as evaluated"
+        size, source = folder_mb(*weights), "fine-tuned model"  # base weights + adapter, as evaluate measured it
     return {"source": source, "latency_p95_ms": p95, "latency_p50_ms": p50, "tokens_per_s": tps,
             "size_mb": round(size, 1), "hourly_price_usd": hourly_price,
             "cost_per_1k_requests_usd": round(cost_per_1k_requests(hourly_price, p50 / 1000), 6)}
@@ -287,8 +287,11 @@ def champion_evidence(model_name: str, test_sha: str, needed: set[str], examples
     client = mlflow.MlflowClient()
     try:
         version = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None, "no champion"
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, or no alias
+            return None, "no champion"
+        raise StageError(f"cannot read the champion of {model_name!r} from the model registry at "
+                         f"{mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]}") from exc
     tags = version.tags
     recorded = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
     if tags.get("data_sha256.test") == test_sha and needed <= recorded.keys():

@@ -307,3 +307,45 @@ def test_stage_refuses_an_evaluation_of_another_test_split(tiny_run, tmp_path):
     write_json(tmp_path / "evaluate" / "metrics.json", metrics | {"test_sha256": "0" * 64})
     with pytest.raises(StageError, match="different test split"):
         gates.run(GatesSpec(), stage_io(tiny_run, tmp_path / "out", {"evaluate": tmp_path / "evaluate"}))
+
+
+def test_champion_metrics_recorded_or_reevaluated(tiny_run, tmp_path, empty_registry):
+    from components.register import RegisterSpec
+    from components.register import run as register
+
+    root = tiny_run["root"]
+    examples = [json.loads(line) for line in (root / "prepare" / "test.jsonl").read_text().splitlines()]
+    io = stage_io(tiny_run, tmp_path / "out")
+    needed = {"exact_match", "perplexity"}
+    test_sha = tiny_run["splits"]["test"]["sha256"]
+    args = (examples, tiny_run["evaluate"], str(tiny_run["tiny"]), io)
+    assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, "no champion")
+    (tmp_path / "register").mkdir()
+    register(RegisterSpec(model_name="triage-gates"),
+             StageIO(pipeline="t", out_dir=tmp_path / "register", state_dir=root / "state",
+                     inputs={s: root / s for s in ("prepare", "finetune", "evaluate")},
+                     sections={"finetune": tiny_run["finetune"], "prepare": PrepareSpec()}))
+    client = mlflow.MlflowClient()
+    assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, "no champion")  # no alias
+    client.set_registered_model_alias("triage-gates", "champion", "1")
+    evaluated = json.loads((root / "evaluate" / "metrics.json").read_text())["candidate"]
+    metrics, note = gates.champion_evidence("triage-gates", test_sha, needed, *args)
+    assert note == "champion v1" and metrics["perplexity"] == evaluated["perplexity"]
+    # another test split: the champion's adapter is downloaded and evaluated on this one
+    metrics, note = gates.champion_evidence("triage-gates", "f" * 64, needed, *args)
+    assert note == "champion v1 (re-evaluated: another test split)"
+    assert metrics["exact_match"] == evaluated["exact_match"] and metrics["n"] == 6
+    assert metrics["perplexity"] == pytest.approx(evaluated["perplexity"], rel=1e-3)
+    assert len(list((root / "state" / "cache" / "evaluate").glob("champion-*.json"))) == 1  # cached
+
+
+def test_unreachable_registry_is_not_taken_for_no_champion(tiny_run, tmp_path, monkeypatch):
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # nothing listens there
+    try:
+        with pytest.raises(StageError, match="cannot read the champion of 'x' from the model registry at "
+                                             "http://127.0.0.1:9"):
+            gates.champion_evidence("x", "0" * 64, {"exact_match"}, [], tiny_run["evaluate"], "", None)
+    finally:
+        mlflow.set_tracking_uri(previous)
