@@ -94,7 +94,7 @@ def _move(c, name: str, alias: str, to: int | None, why: str, action: str, curre
 
 def promote(c, name: str, number: int, why: str, action: str = "promote") -> list[dict]:
     """``champion`` -> version ``number``; the champion it replaces becomes ``previous``; the
-    version stops being ``challenger``. Returns the recorded moves ([] when it already is
+    version stops being ``challenger`` or ``rolled_back``. Returns the recorded moves ([] when it already is
     champion). RegistryError when the version does not exist."""
     if not why.strip():
         raise RegistryError("a promotion needs a reason (it is recorded in the audit log)")
@@ -107,8 +107,9 @@ def promote(c, name: str, number: int, why: str, action: str = "promote") -> lis
         moves.append(_move(c, name, PREVIOUS, current[CHAMPION], f"replaced by version {number}: {why}", action,
                            current))
     moves.append(_move(c, name, CHAMPION, number, why, action, current))
-    if current.get(CHALLENGER) == number:
-        moves.append(_move(c, name, CHALLENGER, None, f"promoted to champion: {why}", action, current))
+    for alias in (CHALLENGER, ROLLED_BACK):  # a champion is neither
+        if current.get(alias) == number:
+            moves.append(_move(c, name, alias, None, f"promoted to champion: {why}", action, current))
     return moves
 
 

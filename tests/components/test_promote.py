@@ -125,6 +125,9 @@ def test_rollback_steps_back_through_the_audit_log(tiny_run, store, tmp_path):
     assert registry.aliases(client, NAME) == {"champion": 2, "previous": 1, "rolled_back": 3}
     registry.rollback(client, NAME, "still bad")
     assert registry.aliases(client, NAME) == {"champion": 1, "rolled_back": 2}  # nothing before 1
+    registry.promote(client, NAME, 2, "fixed after all")  # no longer rolled back
+    assert registry.aliases(client, NAME) == {"champion": 2, "previous": 1}
+    registry.rollback(client, NAME, "no, it was not")
     before = registry.audit_log(client, NAME)
     with pytest.raises(registry.RegistryError, match="no previous champion"):
         registry.rollback(client, NAME, "again")
