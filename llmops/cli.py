@@ -118,6 +118,8 @@ def stage(
         _fail(str(exc), code=1)
     _print_outputs(pipe_name, {name: {k: str(v) for k, v in result.outputs.items()}},
                    time.perf_counter() - started, metrics=result.metrics)
+    if name == "gates":
+        _print_gates(json.loads(result.outputs["report"].read_text()))
 
 
 def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
