@@ -185,29 +185,31 @@ def _row(name: str, gate, metric: str, observed: float, op: str, threshold: floa
             "note": note}
 
 
-def _bounded_rows(name: str, gate, value: float, note: str) -> list[dict]:
+def _bounded_row(name: str, gate, value: float, note: str) -> dict:
+    """One row for a min/max gate: the tighter bound (the smaller margin) speaks for it."""
     rows = []
     if gate.min is not None:
         rows.append(_row(name, gate, gate.metric, value, ">=", gate.min, note))
     if gate.max is not None:
         rows.append(_row(name, gate, gate.metric, value, "<=", gate.max, note))
-    # one row per gate: the tighter bound (the one with the smaller margin) speaks for it
-    return [min(rows, key=lambda r: r["margin"])]
+    return min(rows, key=lambda r: r["margin"])
 
 
 def check(name: str, gate, ev: Evidence) -> dict:
-    """One gate's row: observed, op, threshold, margin (>= 0 passes), passed, note."""
+    """One gate's row: observed, op, threshold, margin (>= 0 passes), passed, note.
+    Raises StageError naming the gate when a number it needs is missing."""
     if gate.kind == "absolute":
-        return _bounded_rows(name, gate, _value(ev.candidate, gate.metric, "evaluate's candidate metrics", name),
-                             "fine-tuned model")[0]
+        return _bounded_row(name, gate, _value(ev.candidate, gate.metric, "evaluate's candidate metrics", name),
+                            "fine-tuned model")
     if gate.kind == "budget":
-        return _bounded_rows(name, gate, _value(ev.operational, gate.metric, "the served variant's numbers", name),
-                             ev.operational.get("source", ""))[0]
+        return _bounded_row(name, gate, _value(ev.operational, gate.metric, "the served variant's numbers", name),
+                            ev.operational.get("source", ""))
     if gate.kind in ("vs_base", "vs_champion"):
         sign = QUALITY[gate.metric]
         observed = _value(ev.candidate, gate.metric, "evaluate's candidate metrics", name)
         if gate.kind == "vs_base":
-            reference, label, gain = _value(ev.base, gate.metric, "evaluate's base metrics", name), "base", gate.min_gain
+            reference = _value(ev.base, gate.metric, "evaluate's base metrics", name)
+            label, gain = "base", gate.min_gain
         elif ev.champion is None:
             return {"gate": name, "kind": gate.kind, "metric": gate.metric, "observed": round(observed, 6),
                     "op": "", "threshold": None, "margin": None, "passed": True, "note": ev.champion_note}
@@ -412,7 +414,8 @@ def run(cfg: GatesSpec, io: StageIO) -> StageResult:
     test_sha = file_sha256(test_path)
     if evaluation.get("test_sha256") != test_sha:
         raise StageError("evaluate's metrics are for a different test split than prepare's "
-                         f"({str(evaluation.get('test_sha256'))[:12]} vs {test_sha[:12]}); run the evaluate stage again")
+                         f"({str(evaluation.get('test_sha256'))[:12]} vs {test_sha[:12]}); "
+                         "run the evaluate stage again")
     try:
         base_path = resolve(ft_cfg.base_model, io.models, io.state_dir)
     except ModelError as exc:

@@ -6,7 +6,8 @@ weights plus the prompt settings serving must use, and a model card (``README.md
 base weights are referenced, not copied: a LoRA adapter is ~20 MB, the merged model
 ~540 MB per version, and the hash makes the reference exact (serving refuses other
 weights). The version is tagged with the git commit, the spec hash, the data hashes and
-the headline metrics; the ``challenger`` alias moves to it. When the pipeline checks gates
+the headline metrics; the ``challenger`` alias moves to it (recorded in the registry's
+audit log, see components/registry.py). When the pipeline checks gates
 before registering, the gate report goes into the version (``model/gates.json``, a section
 of the model card) and its outcome into tags: ``gates.status`` (passed/failed) and
 ``gates.failed`` (the names of the failed gates).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from components import tracking
+from components import registry, tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
 from components.models import ModelError, resolve, weights_sha256
 
@@ -196,7 +197,8 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
             tags |= {"gates.status": gates["status"], "gates.failed": ",".join(gates["failed"])}
         version = client.create_model_version(cfg.model_name, source=f"{run.info.artifact_uri}/model",
                                               run_id=run.info.run_id, tags=tags, description=card)
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
+        registry.move(client, cfg.model_name, cfg.alias, int(version.version),
+                      f"registered by run {run.info.run_id}", "register")
     finally:
         if started is not None:
             mlflow.end_run()

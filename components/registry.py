@@ -74,6 +74,12 @@ def version(c, name: str, number: int | str):
             from None
 
 
+def move(c, name: str, alias: str, to: int | None, why: str, action: str) -> dict:
+    """Point ``alias`` at version ``to`` (None: remove it) and record the move; how
+    ``register`` moves ``challenger``."""
+    return _move(c, name, alias, to, why, action, aliases(c, name))
+
+
 def _move(c, name: str, alias: str, to: int | None, why: str, action: str, current: dict[str, int]) -> dict:
     """Point ``alias`` at version ``to`` (None: remove it) and record the move."""
     entry = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "by": actor(), "action": action,

@@ -57,7 +57,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                  "register.model_name"),
           optional=("compress",)),
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
-          ("components/register.py",),
+          ("components/register.py", "components/registry.py"),
           "new MLflow model version (adapter + base model hash + model card + gate report), alias challenger",
           reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
                  "features.top_k", "features.embedding_model"), optional=("gates",)),

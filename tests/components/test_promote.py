@@ -76,17 +76,20 @@ def test_passed_gates_promote_failed_gates_change_nothing(tiny_run, store, tmp_p
     assert result.metrics == {"promoted": True, "version": 1}
     assert registry.aliases(client, NAME) == {"champion": 1}  # no longer challenger
     log = registry.audit_log(client, NAME)
-    assert [(e["alias"], e["from"], e["to"], e["by"]) for e in log] == [("champion", None, 1, "ci-bot"),
-                                                                          ("challenger", 1, None, "ci-bot")]
-    assert log[0]["why"] == "all 1 gates passed (run r1)" and log[0]["at"].endswith("+00:00")
+    assert [(e["action"], e["alias"], e["from"], e["to"], e["by"]) for e in log] == [
+        ("register", "challenger", None, 1, "ci-bot"), ("promote", "champion", None, 1, "ci-bot"),
+        ("promote", "challenger", 1, None, "ci-bot")]
+    assert log[1]["why"] == "all 1 gates passed (run r1)" and log[1]["at"].endswith("+00:00")
+    assert log[0]["why"].startswith("registered by run ")
 
     io = new_version(tiny_run, tmp_path / "b", "failed")
+    before = registry.audit_log(client, NAME)
     with pytest.raises(StageError) as err:
         promote(PromoteSpec(), io)
     assert str(err.value) == ("gates failed: exact_match (exact_match 0.5 >= 0.8, margin -0.3). "
                               f"{NAME} version 2 stays challenger; champion v1 unchanged")
     assert registry.aliases(client, NAME) == {"champion": 1, "challenger": 2}
-    assert len(registry.audit_log(client, NAME)) == 2  # nothing moved, nothing recorded as moved
+    assert registry.audit_log(client, NAME) == before  # nothing moved, nothing recorded as moved
     assert client.get_model_version(NAME, "2").tags["promotion"] == "refused"
 
     # warn mode: the same refusal is recorded and the stage succeeds
@@ -134,7 +137,8 @@ def test_rollback_steps_back_through_the_audit_log(tiny_run, store, tmp_path):
     assert registry.audit_log(client, NAME) == before
     # every move is also on the versions it involved
     tags = client.get_model_version(NAME, "3").tags
-    assert [json.loads(v)["why"] for k, v in sorted(tags.items()) if k.startswith("audit.")] == [
+    assert [json.loads(v)["why"] for k, v in sorted(tags.items())
+            if k.startswith("audit.") and json.loads(v)["action"] != "register"] == [
         "release 3", "promoted to champion: release 3", "latency regression in production",
         "rolled back: latency regression in production", "rolled back: still bad"]
 
@@ -148,7 +152,8 @@ def test_unknown_version_and_missing_reason_change_nothing(tiny_run, store, tmp_
         registry.promote(client, NAME, 1, "  ")
     with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
         registry.aliases(client, "nope")
-    assert registry.aliases(client, NAME) == {"challenger": 1} and registry.audit_log(client, NAME) == []
+    assert registry.aliases(client, NAME) == {"challenger": 1}
+    assert [e["action"] for e in registry.audit_log(client, NAME)] == ["register"]
     assert registry.promote(client, NAME, 1, "first") and registry.promote(client, NAME, 1, "again") == []
 
 
@@ -175,7 +180,8 @@ def test_commands(tiny_run, store, tmp_path):
     assert cli("promote", "1", "--reason", "first release").returncode == 0
     proc = cli("promote", "2", "--force", "--reason", "hotfix for the outage")
     assert proc.returncode == 0, proc.stderr
-    assert "@champion: 1 -> 2  by alice" in proc.stdout and "forced (gates failed): hotfix for the outage" in proc.stdout
+    assert "@champion: 1 -> 2  by alice" in proc.stdout
+    assert "forced (gates failed): hotfix for the outage" in proc.stdout
     listing = cli("models", "list")
     assert listing.returncode == 0, listing.stderr
     rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines() if line.count("│") > 5}
