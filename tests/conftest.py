@@ -75,7 +75,7 @@ def project(tmp_path: Path) -> Path:
     demo cut to 300 tickets and fine-tuning to 2 steps of 2 chats on the real base model,
     so the whole pipeline runs in well under a minute. Such a model cannot pass the shipped
     gates, so promotion runs in ``warn`` mode (tests of enforcement set it back) and the
-    behavioural and safety probes use 2 test chats."""
+    behavioural and safety probes use 1 test chat (17 probe chats in all)."""
     dest = tmp_path / "project"
     dest.mkdir()
     for name in PROJECT_FILES:
@@ -92,7 +92,7 @@ def project(tmp_path: Path) -> Path:
     for old, new in (("n_tickets: 2000", "n_tickets: 300"), ("max_steps: 300 ", "max_steps: 2 "),
                      ("      batch_size: 4 ", "      batch_size: 2 "), ("eval_examples: 48 ", "eval_examples: 4 "),
                      ("max_examples: null ", "max_examples: 6 "), ("latency_requests: 16 ", "latency_requests: 2 "),
-                     ("probe_examples: 8 ", "probe_examples: 2 "), ("mode: enforce ", "mode: warn ")):
+                     ("probe_examples: 8 ", "probe_examples: 1 "), ("mode: enforce ", "mode: warn ")):
         assert old in text, old
         text = text.replace(old, new)
     spec.write_text(text)
