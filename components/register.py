@@ -8,7 +8,11 @@ base weights are referenced, not copied: a LoRA adapter is ~20 MB, the merged mo
 weights). When the pipeline has a compress stage, the variant it chose (e.g. ONNX int8) is
 added under ``model/serving/`` with its file hashes in the manifest, so serving loads it
 without rebuilding it. The version is tagged with the git commit, the spec hash, the data
-hashes and the headline metrics; the ``challenger`` alias moves to it.
+hashes and the headline metrics; the ``challenger`` alias moves to it (recorded in the
+registry's audit log, see components/registry.py). When the pipeline checks gates before
+registering, the gate report goes into the version (``model/gates.json``, a section of the
+model card) and its outcome into tags: ``gates.status`` (passed/failed) and
+``gates.failed`` (the names of the failed gates).
 """
 from __future__ import annotations
 
@@ -19,13 +23,14 @@ from pathlib import Path
 
 from pydantic import Field
 
-from components import tracking
+from components import registry, tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
 from components.models import ModelError, resolve, weights_sha256
 
 OUTPUTS = ("model", "registration.json")
 MANIFEST = "llmops-model.json"
 HEADLINE = ("exact_match", "json_valid_rate", "intent_accuracy", "priority_accuracy", "article_accuracy")
+TAGGED = (*HEADLINE, "perplexity")  # recorded as metric.* tags: what champion gates compare
 
 
 class RegisterSpec(StrictModel):
@@ -35,11 +40,14 @@ class RegisterSpec(StrictModel):
     license: str = "apache-2.0"  # the base model's licence (SmolLM2: Apache 2.0); the adapter inherits it
 
 
-def build_package(folder: Path, adapter: Path, manifest: dict, card: str, serving: Path | None = None) -> Path:
+def build_package(folder: Path, adapter: Path, manifest: dict, card: str, gates: Path | None = None,
+                  serving: Path | None = None) -> Path:
     """The folder a version holds: adapter/, serving/ (the chosen compressed variant, if any),
-    the manifest and the model card."""
+    the manifest, the model card (and the gate report)."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(adapter, folder / "adapter")
+    if gates is not None:
+        shutil.copy(gates, folder / "gates.json")
     if serving is not None:
         shutil.copytree(serving, folder / "serving")
     write_json(folder / MANIFEST, manifest)
@@ -75,7 +83,8 @@ def _serving_card(manifest: dict) -> str:
             f"({100 * r['exact_match_change']:+.1f} pts) |\n| top-1 agreement with the fp32 model | {v['jaccard_at_1']} |\n")
 
 
-def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: dict, splits: dict) -> str:
+def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: dict, splits: dict,
+               gates: dict | None = None) -> str:
     """The version's README.md: description, data, results, usage, limitations, licence."""
     cand, base = evaluation["candidate"], evaluation["base"]
     rows = [{"metric": k, "fine-tuned": cand[k], "base model": base[k]}
@@ -85,6 +94,13 @@ def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: di
     slice_rows = [{"slice": f"{field}={value}", "n": m["n"], "exact match": m["exact_match"]}
                   for field, values in slices.items() for value, m in values.items()]
     weakest = min(slice_rows, key=lambda r: r["exact match"]) if slice_rows else None
+    gate_section = ""
+    if gates is not None:
+        from components.gates import rows_for_display
+
+        gate_section = (f"\n## Gates: {gates['status']}\n\n"
+                        + markdown_table([{k: r[k] for k in ("gate", "observed", "threshold", "margin", "result")}
+                                          for r in rows_for_display(gates)]) + "\n")
     return f"""# {cfg.model_name}
 
 {cfg.description}
@@ -113,7 +129,7 @@ ticket, rendered as chats; split by a hash of the ticket id.
 Exact match by slice:
 
 {markdown_table(slice_rows)}
-
+{gate_section}
 ## Usage
 
 ```python
@@ -182,7 +198,7 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
                    "top_k": getattr(features_cfg, "top_k", None),
                    "embedding_model": getattr(features_cfg, "embedding_model", None)},
         "data_sha256": {s: m["sha256"] for s, m in splits.items()},
-        "metrics": {k: evaluation["candidate"][k] for k in HEADLINE} | {
+        "metrics": {k: evaluation["candidate"][k] for k in TAGGED} | {
             "base_exact_match": evaluation["base"]["exact_match"]},
         "git_commit": io.context.get("git_commit", "unknown"),
         "spec_sha256": io.context.get("spec_sha256", "unknown"),
@@ -191,8 +207,12 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     serving = io.inputs.get("compress")
     if serving is not None:
         manifest["serving"] = serving_entry(serving)
-    card = model_card(cfg, manifest, evaluation, training, splits)
-    package = build_package(io.out_dir / "model", adapter, manifest, card,
+    gates_file = io.inputs["gates"] / "report.json" if "gates" in io.inputs else None
+    gates = json.loads(gates_file.read_text()) if gates_file else None
+    if gates is not None and gates.get("test_sha256") != splits["test"]["sha256"]:
+        raise StageError("the gate report is for a different test split than prepare's; run the gates stage again")
+    card = model_card(cfg, manifest, evaluation, training, splits, gates)
+    package = build_package(io.out_dir / "model", adapter, manifest, card, gates_file,
                             serving / "model" if serving is not None else None)
 
     started = None if mlflow.active_run() else mlflow.start_run(run_name="register")
@@ -213,17 +233,24 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
                 **{f"metric.{k}": str(v) for k, v in manifest["metrics"].items()}}
         if "serving" in manifest:
             tags["serving_variant"] = manifest["serving"]["variant"]
+        if gates is not None:
+            tags |= {"gates.status": gates["status"], "gates.failed": ",".join(gates["failed"])}
         version = client.create_model_version(cfg.model_name, source=f"{run.info.artifact_uri}/model",
                                               run_id=run.info.run_id, tags=tags, description=card)
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
+        registry.move(client, cfg.model_name, cfg.alias, int(version.version),
+                      f"registered by run {run.info.run_id}", "register")
     finally:
         if started is not None:
             mlflow.end_run()
     registration = {"model_name": cfg.model_name, "version": int(version.version), "alias": cfg.alias,
                     "source": version.source, "run_id": run.info.run_id,
                     "tracking_uri": mlflow.get_tracking_uri()}
+    if gates is not None:
+        registration |= {"gates_status": gates["status"], "gates_failed": gates["failed"],
+                         "gates_report_sha256": file_sha256(gates_file)}
     write_json(io.out_dir / "registration.json", registration)
-    summary = (f"### register\n`{cfg.model_name}` version {version.version} -> alias `{cfg.alias}` "
+    gate_note = f", gates {gates['status']}" if gates is not None else ""
+    summary = (f"### register\n`{cfg.model_name}` version {version.version} -> alias `{cfg.alias}`{gate_note} "
                f"(base `{ft_cfg.base_model}` sha256 {base_sha[:12]}, adapter {manifest['adapter_sha256'][:12]}).\n\n"
                + markdown_table([{"metric": k, "value": v} for k, v in manifest["metrics"].items()]))
     return StageResult(outputs={"model": package, "registration": io.out_dir / "registration.json"},

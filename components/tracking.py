@@ -61,6 +61,13 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(dict(items[i:i + 100]))
 
 
+def set_tags(tags: dict[str, Any]) -> None:
+    import mlflow
+
+    if tags and active():
+        mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+
+
 def log_artifacts(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 

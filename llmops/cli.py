@@ -20,7 +20,8 @@ from llmops.spec import DEFAULT_SPEC, SpecError, Spec, load_spec
 app = typer.Typer(help="Declarative LLMOps: one spec (pipelines.yaml) from raw data to a monitored endpoint.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Check, show and describe pipelines.yaml.", no_args_is_help=True)
-models_app = typer.Typer(help="Provision the models named in the spec's `models` catalog.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered model versions (list, audit) and the spec's `models` catalog "
+                              "(pull, catalog).", no_args_is_help=True)
 data_app = typer.Typer(help="Demo data: generate support tickets, customers and articles.", no_args_is_help=True)
 dvc_app = typer.Typer(help="Keep dvc.yaml in step with pipelines.yaml.", no_args_is_help=True)
 features_app = typer.Typer(help="Feast: register definitions, embed articles, load the online store.",
@@ -80,11 +81,17 @@ def run(
     console.print(f"[bold]pipeline[/] {name}: {' -> '.join(stages)}  (Prefect home: {os.environ['PREFECT_HOME']})")
     from flows.pipeline import pipeline_flow  # after configure_environment: Prefect reads env at import
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     try:
         outputs = pipeline_flow(spec_file=str(file.resolve()), pipeline=name, start=start, until=until,
                                 overrides=list(overrides or []))
     except (StageError, ModelError, SpecError) as exc:
+        if "gates" in stages:  # a run stopped by its gates shows them before the error
+            from llmops.runner import stage_dir
+
+            report = stage_dir(spec, _root(file), name, "gates") / "report.json"
+            if report.exists() and report.stat().st_mtime >= started_at:
+                _print_gates(json.loads(report.read_text()))
         _fail(str(exc), code=1)
     _print_outputs(name, outputs, time.perf_counter() - started)
     _print_headlines(outputs)
@@ -111,6 +118,8 @@ def stage(
         _fail(str(exc), code=1)
     _print_outputs(pipe_name, {name: {k: str(v) for k, v in result.outputs.items()}},
                    time.perf_counter() - started, metrics=result.metrics)
+    if name == "gates":
+        _print_gates(json.loads(result.outputs["report"].read_text()))
 
 
 def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
@@ -132,10 +141,32 @@ def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
                   f"{m['reference']}), {chosen['tokens_per_s_batch1']} tokens/s at batch 1 ({r['speedup_batch1']}x), "
                   f"exact match {chosen['exact_match']:.3f} ({100 * r['exact_match_change']:+.1f} pts) on "
                   f"{m['validation_examples']} validation chats", highlight=False, soft_wrap=True)
+    if "gates" in outputs:
+        _print_gates(json.loads(Path(outputs["gates"]["report"]).read_text()))
     if "register" in outputs:
         reg = json.loads(Path(outputs["register"]["registration"]).read_text())
-        out.print(f"register: {reg['model_name']} version {reg['version']} -> @{reg['alias']} "
+        gates = f", gates {reg['gates_status']}" if "gates_status" in reg else ""
+        out.print(f"register: {reg['model_name']} version {reg['version']} -> @{reg['alias']}{gates} "
                   f"(MLflow {reg['tracking_uri']})", highlight=False, soft_wrap=True)
+    if "promote" in outputs:
+        done = json.loads(Path(outputs["promote"]["promotion"]).read_text())
+        moves = "; ".join(f"@{m['alias']} {m['from'] or '-'} -> {m['to'] or '-'}" for m in done["moves"])
+        out.print(f"promote: version {done['version']} {done['outcome']}" + (f" ({moves})" if moves else "")
+                  + (f"; failed gates: {', '.join(done['failed_gates'])} (mode warn)" if done["failed_gates"] else ""),
+                  highlight=False)
+
+
+def _print_gates(report: dict) -> None:
+    """The gate report as a table: observed, threshold, margin and result per gate."""
+    from components.gates import rows_for_display
+
+    table = Table("gate", "kind", "metric", "observed", "threshold", "margin", "result", "note",
+                  title=f"gates: {report['status']} (compared with {report['champion']})", title_justify="left")
+    for row in rows_for_display(report):
+        colour = "green" if row["result"] == "pass" else "bold red"
+        table.add_row(*(escape(v) for v in list(row.values())[:6]), f"[{colour}]{row['result']}[/]",
+                      escape(row["note"][:80]))
+    out.print(table)
 
 
 def _print_outputs(pipeline: str, outputs: dict[str, dict[str, str]], seconds: float,
@@ -207,9 +238,9 @@ def models_pull(
         out.print(f"{name}: {status}  {where}", highlight=False)
 
 
-@models_app.command("list")
-def models_list(file: SpecFile = Path(DEFAULT_SPEC)) -> None:
-    """List the catalog's models and whether they are provisioned."""
+@models_app.command("catalog")
+def models_catalog(file: SpecFile = Path(DEFAULT_SPEC)) -> None:
+    """List the spec's model catalog and whether each model is provisioned."""
     from components.models import resolve
 
     spec = _load(file, None, None)
@@ -221,6 +252,126 @@ def models_list(file: SpecFile = Path(DEFAULT_SPEC)) -> None:
             where = f"[yellow]{escape(str(exc))}[/]"
         table.add_row(name, source.kind, where)
     out.print(table)
+
+
+# ---------------------------------------------------------------- registry: versions, promotion, rollback
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Registered model (default: the pipeline's register.model_name).")]
+ReasonOpt = Annotated[Optional[str], typer.Option("--reason", help="Why: recorded in the registry's audit log.")]
+
+
+def _registry(file: Path, pipeline: str | None, model: str | None):
+    """(MLflow client, registered model name) for the spec's tracking URI; exits 1 with the
+    URI when the registry does not answer."""
+    from components import registry
+    from llmops.runner import configure_environment
+
+    spec = _load(file, None, pipeline)
+    _, pipe = spec.pipeline(pipeline)
+    configure_environment(spec, _root(file))
+    # a registry server that is down should fail the command in seconds, not minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        return registry.client(), model or pipe.register_.model_name
+    except registry.RegistryError as exc:
+        _fail(str(exc), code=1)
+
+
+def _print_moves(moves: list[dict]) -> None:
+    for m in moves:
+        out.print(f"@{m['alias']}: {m['from'] or '-'} -> {m['to'] or '-'}  by {m['by']} at {m['at']}: {m['why']}",
+                  highlight=False)
+
+
+@models_app.command("list")
+def models_list(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None, model: ModelOpt = None) -> None:
+    """List the registered model's versions: aliases, headline metrics, gate status, creation time."""
+    from components import registry
+
+    client, name = _registry(file, pipeline, model)
+    try:
+        rows = registry.versions(client, name)
+    except registry.RegistryError as exc:
+        _fail(str(exc), code=1)
+    table = Table("version", "aliases", "exact match", "JSON valid", "perplexity", "gates", "created", "git commit",
+                  title=name, title_justify="left")
+    for r in rows:
+        m = r["metrics"]
+        gates = r["gates"] + (f" ({r['gates_failed']})" if r["gates_failed"] else "")
+        colour = {"passed": "green", "failed": "red"}.get(r["gates"], "yellow")
+        table.add_row(str(r["version"]), ", ".join(r["aliases"]), *(f"{m[k]:.3f}" if k in m else "-" for k in (
+            "exact_match", "json_valid_rate", "perplexity")), f"[{colour}]{escape(gates)}[/]", r["created"],
+            r["git_commit"][:12])
+    out.print(table)
+
+
+@models_app.command("audit")
+def models_audit(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None, model: ModelOpt = None) -> None:
+    """Every alias move of the registered model, oldest first: who, what, when, why."""
+    from components import registry
+
+    client, name = _registry(file, pipeline, model)
+    try:
+        registry.aliases(client, name)
+        _print_moves(registry.audit_log(client, name))
+    except registry.RegistryError as exc:
+        _fail(str(exc), code=1)
+
+
+@app.command()
+def promote(
+    version: Annotated[int, typer.Argument(help="Model version to make champion.")],
+    reason: ReasonOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote although its gates did not pass (needs --reason).")]
+    = False,
+    file: SpecFile = Path(DEFAULT_SPEC),
+    pipeline: PipelineOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Make VERSION the champion; the current one becomes previous. Needs --reason; refuses a
+    version whose gates did not pass unless --force."""
+    from components import registry
+
+    if not (reason or "").strip():
+        _fail("--force needs --reason: say why a version that did not pass its gates is promoted" if force
+              else "--reason is required: say why (it is recorded in the registry's audit log)")
+    client, name = _registry(file, pipeline, model)
+    try:
+        found = registry.version(client, name, version)
+        status = found.tags.get(registry.GATE_STATUS_TAG, "not run")
+        if status != "passed" and not force:
+            failed = found.tags.get(registry.GATE_FAILED_TAG)
+            _fail(f"{name} version {version}: gates {status}" + (f" ({failed})" if failed else "")
+                  + "; not promoted. Use --force --reason TEXT to promote it anyway.", code=1)
+        why = reason if status == "passed" else f"forced (gates {status}): {reason}"
+        moves = registry.promote(client, name, version, why, action="force" if force else "promote")
+    except registry.RegistryError as exc:
+        _fail(str(exc), code=1)
+    if not moves:
+        out.print(f"{name} version {version} is already champion; nothing changed")
+    _print_moves(moves)
+
+
+@app.command()
+def rollback(
+    reason: ReasonOpt = None,
+    file: SpecFile = Path(DEFAULT_SPEC),
+    pipeline: PipelineOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Make the previous champion champion again; the demoted one becomes rolled_back."""
+    from components import registry
+
+    if not (reason or "").strip():
+        _fail("--reason is required: say why (it is recorded in the registry's audit log)")
+    client, name = _registry(file, pipeline, model)
+    try:
+        moves = registry.rollback(client, name, reason)
+    except registry.RegistryError as exc:
+        _fail(str(exc), code=1)
+    _print_moves(moves)
 
 
 # ---------------------------------------------------------------- data

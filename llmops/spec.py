@@ -20,10 +20,12 @@ from components.compress import CompressSpec
 from components.features import FeaturesSpec
 from components.evaluate import EvaluateSpec
 from components.finetune import FinetuneSpec
+from components.gates import GatesSpec
 from components.register import RegisterSpec
 from components.ingest import IngestSpec
 from components.models import ModelSource
 from components.prepare import PrepareSpec
+from components.promote import PromoteSpec
 from components.validate import ValidateSpec
 from llmops.stages import STAGES
 
@@ -73,7 +75,9 @@ class PipelineSpec(StrictModel):
     finetune: FinetuneSpec = FinetuneSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     compress: CompressSpec = CompressSpec()
+    gates: GatesSpec = GatesSpec()
     register_: RegisterSpec = Field(RegisterSpec(), alias="register")  # `register` is taken (ABC)
+    promote: PromoteSpec = PromoteSpec()
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
 

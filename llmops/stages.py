@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from components import compress, evaluate, features, finetune, ingest, prepare, register, validate
+from components import (compress, evaluate, features, finetune, gates, ingest, prepare, promote, register,
+                        validate)
 from components.base import StageIO, StageResult
 
 
@@ -59,12 +60,21 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "the quality budget", reads=("finetune.base_model",),
           plots=({"quality_speed.csv": {"template": "scatter", "x": "tokens_per_s_batch1", "y": "exact_match",
                                         "title": "compression: quality vs speed"}},)),
+    Stage("gates", gates.run, ("prepare", "finetune", "evaluate"), gates.OUTPUTS,
+          ("components/gates.py", "components/probes.py"),
+          "every declared gate: absolute, vs base, vs champion, operational budgets, behaviour, safety",
+          reads=("finetune.base_model", "evaluate", "prepare.system_prompt", "prepare.user_template",
+                 "register.model_name"),
+          optional=("compress",)),
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
-          ("components/register.py",),
-          "new MLflow model version (adapter + base model hash + model card + chosen compressed variant), "
-          "alias challenger", optional=("compress",),
+          ("components/register.py", "components/registry.py"),
+          "new MLflow model version (adapter + base model hash + model card + gate report + chosen compressed "
+          "variant), alias challenger",
           reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
-                 "features.top_k", "features.embedding_model")),
+                 "features.top_k", "features.embedding_model"), optional=("compress", "gates")),
+    Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS, ("components/promote.py",
+                                                                           "components/registry.py"),
+          "champion <- the new version when every gate passed (previous <- the old champion); else stop"),
 )}
 
 METRICS_FILE = "metrics.json"

@@ -45,3 +45,58 @@ def chat_examples(n: int, offset: int = 0) -> list[dict]:
     return out
 
 
+
+
+def triage_examples(n: int, offset: int = 0) -> list[dict]:
+    """``n`` chats rendered by prepare's own prompt builder (default template), so the
+    behavioural probes can parse and change their fields."""
+    from components.prepare import PrepareSpec, answer_json, build_messages
+
+    plans = ("free", "starter", "pro", "enterprise")
+    bodies = ("Hi team,\n\nWe were billed twice for the Boards widgets. Please refund it.\n\nThanks,\nAna Smith",
+              "hey - I can't sign in to the sync app since this morning.",
+              "Call summary: customer reports: the iOS app crashes on start.")
+    intents = ("billing_refund", "login_problem", "bug_report")
+    out = []
+    for i in range(offset, offset + n):
+        row = {"ticket_id": f"T{i}", "customer_id": f"C{i}", "created_at": "2026-05-01T00:00:00+00:00",
+               "channel": ("email", "chat", "phone")[i % 3], "subject": f"Ticket number {i}", "body": bodies[i % 3],
+               "plan": plans[i % 4], "tenure_days": 100, "open_tickets_30d": 1, "seats": 3, "new_customer": "no",
+               "busy_account": "no", "intent": intents[i % 3], "priority": "medium", "article_id": "KB-101"}
+        articles = [{"article_id": "KB-101", "title": "Refunds and duplicate charges in Tessera Sync"}]
+        out.append({"ticket_id": row["ticket_id"], "labels": {k: row[k] for k in ("intent", "priority", "article_id")},
+                    "meta": {"channel": row["channel"], "plan": row["plan"]},
+                    "messages": build_messages(row, PrepareSpec(), articles)
+                    + [{"role": "assistant", "content": answer_json(row)}]})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny, tmp_path_factory) -> dict:
+    """prepare/, finetune/ and evaluate/ folders as the stages leave them: the tiny model
+    fine-tuned for 3 steps on prompt-template chats and evaluated on 6 test chats."""
+    from components.base import StageIO, file_sha256, write_json
+    from components.evaluate import EvaluateSpec
+    from components.evaluate import run as evaluate
+    from components.finetune import FinetuneSpec, train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    (root / "prepare").mkdir()
+    splits = {}
+    for split, offset, n in (("train", 100, 12), ("validation", 200, 4), ("test", 0, 6)):
+        path = root / "prepare" / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in triage_examples(n, offset)))
+        splits[split] = {"examples": n, "sha256": file_sha256(path)}
+    write_json(root / "prepare" / "splits.json", splits)
+    ft_cfg = FinetuneSpec(base_model=str(tiny), max_steps=3, batch_size=4, warmup_steps=1, eval_every=3,
+                          eval_examples=4, seed=1)
+    metrics = train(ft_cfg, str(tiny), triage_examples(12, 100), triage_examples(4, 200), root / "finetune",
+                    root / "ckpt", progress=False)
+    write_json(root / "finetune" / "metrics.json", metrics)
+    (root / "evaluate").mkdir()
+    eval_cfg = EvaluateSpec(batch_size=3, max_new_tokens=8, latency_requests=1)
+    result = evaluate(eval_cfg, StageIO(pipeline="t", out_dir=root / "evaluate", state_dir=root / "state",
+                                        inputs={"prepare": root / "prepare", "finetune": root / "finetune"},
+                                        sections={"finetune": ft_cfg}))
+    write_json(root / "evaluate" / "metrics.json", result.metrics)
+    return {"root": root, "finetune": ft_cfg, "evaluate": eval_cfg, "splits": splits, "tiny": tiny}

@@ -236,6 +236,7 @@ def test_registered_version_holds_the_chosen_variant(compressed):
     root, ft_cfg = compressed["root"], compressed["ft_cfg"]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_name="compress")  # not the experiment id another test's store left active
     try:
         splits = {s: {"examples": 6, "sha256": file_sha256(root / "prepare" / f"{s}.jsonl")}
                   for s in ("train", "validation", "test")}

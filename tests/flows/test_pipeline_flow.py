@@ -12,7 +12,7 @@ from components.prepare import read_examples
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
-STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "register")
+STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "gates", "register", "promote")
 
 
 def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
@@ -121,7 +121,7 @@ def test_bad_stage_selection(project):
     proc = run_cli(["run", "--until", "deploy"], cwd=project)
     assert proc.returncode == 2
     assert ("--until 'deploy': not a stage of this pipeline (stages: ingest, validate, features, prepare, "
-            "finetune, evaluate, register)") in proc.stderr
+            "finetune, evaluate, gates, register, promote)") in proc.stderr
 
 
 def write_bad_dataset(folder, data):

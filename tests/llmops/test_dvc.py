@@ -10,7 +10,7 @@ from llmops import dvcfile
 from llmops.spec import load_spec
 from tests.conftest import REPO, run_cli
 
-STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "register")
+STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "gates", "register", "promote")
 
 
 def test_committed_dvc_yaml_agrees_with_the_spec():

@@ -23,8 +23,8 @@ def test_shipped_spec_is_valid():
     spec = load_spec(SPEC, env={})
     name, pipe = spec.pipeline(None)
     assert name == "support-triage"
-    assert pipe.stages == ["ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress",
-                           "register"]
+    assert pipe.stages == ["ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates",
+                           "register", "promote"]
     assert spec.services.prefect.api_url is None  # ${PREFECT_API_URL:-} unset -> ephemeral
     assert set(spec.models) == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
 
