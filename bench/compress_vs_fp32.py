@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> int:
     from components.base import write_json
-    from components.compress import INFO_FILE, TOP_K, MeasureSpec, build_merged, jaccard, measure
+    from components.compress import INFO_FILE, TOP_K, MeasureSpec, build_merged, jaccard, measure_alone
     from components.models import resolve
     from components.prepare import read_examples
     from llmops.spec import load_spec
@@ -53,7 +53,7 @@ def main() -> int:
                                                                           merged)})
         rows = {}
         for label, folder in (("pytorch_fp32", merged), ("chosen", chosen)):
-            rows[label], top = measure(folder, examples, cfg)
+            rows[label], top = measure_alone(folder, examples, cfg)
             rows[label]["_top"] = top
     variant = json.loads((chosen / INFO_FILE).read_text())["name"]
     ref, new = rows["pytorch_fp32"], rows["chosen"]

@@ -133,7 +133,7 @@ class BudgetSpec(StrictModel):
 
 class CompressSpec(StrictModel):
     variants: list[Literal[VARIANTS]] = list(VARIANTS)  # merged is always built: the reference
-    objective: Literal["smallest", "fastest"] = "fastest"  # fastest: tokens/s at batch 1; smallest: size on disk
+    objective: Literal["smallest", "fastest"] = "smallest"  # smallest: size on disk; fastest: tokens/s at batch 1
     budget: BudgetSpec = BudgetSpec()
     measure: MeasureSpec = MeasureSpec()
     keep_variants: bool = False  # keep every variant under variants/ (else only model/, the chosen one)
@@ -553,6 +553,18 @@ def jaccard(a: list, b: list, k: int) -> float:
     return round(sum(per_example) / len(per_example), 4) if per_example else 0.0
 
 
+def measure_alone(folder: Path, examples: list[dict], cfg: MeasureSpec) -> tuple[dict, list]:
+    """``measure`` in a fresh process, as serving loads a model: in one process, the thread
+    pools of the models measured before (PyTorch's OpenMP, each ONNX Runtime session) keep
+    spinning and took up to half the cores from the next one (int8_weight: 20 instead of 40
+    tokens/s at batch 1 on 2 cores)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, folder, examples, cfg).result()
+
+
 def measure(folder: Path, examples: list[dict], cfg: MeasureSpec) -> tuple[dict, list]:
     """Every measurement of one variant on ``examples``; returns (metrics, top-10 ids per example)."""
     import torch
@@ -749,7 +761,7 @@ def run(cfg: CompressSpec, io: StageIO) -> StageResult:
         _info(out, name=name, parent=PARENT[name], build_s=build_s, **info)
         print(f"compress [{i}/{len(order)}] {name}: built in {build_s} s, measuring on {len(examples)} chats",
               flush=True)
-        metrics, tops[name] = measure(out, examples, cfg.measure)
+        metrics, tops[name] = measure_alone(out, examples, cfg.measure)
         measured[name] = {"parent": PARENT[name], "build_s": build_s,
                           "details": {k: v for k, v in info.items() if k != "format"}, "format": info["format"],
                           **metrics}
