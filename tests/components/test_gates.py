@@ -268,6 +268,7 @@ def stage_io(tiny_run, out, extra_inputs=None, **kw):
 def empty_registry(tmp_path):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_name="t")  # not an experiment id left over from another store
     yield
     mlflow.set_tracking_uri(previous)
 
