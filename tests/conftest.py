@@ -63,7 +63,7 @@ def run_cli(args: list[str], cwd: Path, check: bool = False, tool: str = "llmops
             **env: str) -> subprocess.CompletedProcess:
     """Run ``tool ARGS`` (a command of the project's venv: llmops, dvc) in ``cwd``."""
     cmd = [str(BIN / tool), *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

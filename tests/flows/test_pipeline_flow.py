@@ -12,7 +12,8 @@ from components.prepare import read_examples
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
-STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "gates", "register", "promote")
+STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
+          "promote")
 
 
 def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
@@ -50,6 +51,16 @@ def test_run_ingest_then_prepare_in_ephemeral_prefect(project):
     assert evaluated["test_sha256"] == splits["test"]["sha256"]
     assert f"evaluate: exact match {evaluated['candidate']['exact_match']:.3f}" in proc.stdout
     assert "register: support-triage version 1 -> @challenger" in proc.stdout
+    # compress built merged -> onnx -> int8_weight, measured each on 4 validation chats, chose one,
+    # and the registered version holds it
+    compressed = json.loads((out / "compress" / "metrics.json").read_text())
+    assert set(compressed["variants"]) == {"merged", "onnx", "int8_weight"}
+    assert compressed["validation_examples"] == 4 and compressed["chosen"] in compressed["variants"]
+    assert compressed["variants"]["onnx"]["jaccard_at_1"] > 0.99  # fp32 ONNX agrees with PyTorch
+    assert f"compress: chose {compressed['chosen']}" in proc.stdout
+    manifest = json.loads((out / "register" / "model" / "llmops-model.json").read_text())
+    assert manifest["serving"]["variant"] == compressed["chosen"]
+    assert (out / "register" / "model" / "serving" / "variant.json").exists()
     check_mlflow(project, splits)
 
     # --from prepare reuses ingest's outputs; an override changes only what it names
@@ -121,7 +132,7 @@ def test_bad_stage_selection(project):
     proc = run_cli(["run", "--until", "deploy"], cwd=project)
     assert proc.returncode == 2
     assert ("--until 'deploy': not a stage of this pipeline (stages: ingest, validate, features, prepare, "
-            "finetune, evaluate, gates, register, promote)") in proc.stderr
+            "finetune, evaluate, compress, gates, register, promote)") in proc.stderr
 
 
 def write_bad_dataset(folder, data):

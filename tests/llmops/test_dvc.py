@@ -10,7 +10,8 @@ from llmops import dvcfile
 from llmops.spec import load_spec
 from tests.conftest import REPO, run_cli
 
-STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "gates", "register", "promote")
+STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
+          "promote")
 
 
 def test_committed_dvc_yaml_agrees_with_the_spec():
@@ -56,12 +57,12 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
         assert f"Running stage '{stage}'" in first.stdout
     out = project / "artifacts" / "support-triage"
     assert json.loads((out / "prepare" / "metrics.json").read_text())["n_test"] > 0
-    # the training curve and the confusion matrix render as DVC plots, metrics show
+    # the training curve, the confusion matrix and compression quality vs speed render as DVC plots
     plots = run_cli(["plots", "show", "--json"], cwd=project, tool="dvc")
     assert plots.returncode == 0, plots.stderr
     shown = json.loads(plots.stdout)
     assert "errors" not in shown, shown.get("errors")
-    for name in ("finetune/train_log.csv", "evaluate/confusion_intent.csv"):
+    for name in ("finetune/train_log.csv", "evaluate/confusion_intent.csv", "compress/quality_speed.csv"):
         plot = next(v for k, v in shown["data"].items() if k.endswith(name))
         assert plot[0]["content"]["data"]["values"], name  # rendered from the stage's rows
     shown_metrics = run_cli(["metrics", "show", "--json"], cwd=project, tool="dvc")
