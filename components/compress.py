@@ -427,7 +427,7 @@ def distill(teacher_dir: Path, out: Path, cfg: DistilledSpec, train_examples: li
 
     import torch
 
-    from components.finetune import IGNORE, batches, collate, encode, pick_device
+    from components.finetune import IGNORE, answer_positions, batches, collate, encode, pick_device
     from components.models import load_causal_lm
 
     torch.manual_seed(cfg.seed)
@@ -458,12 +458,7 @@ def distill(teacher_dir: Path, out: Path, cfg: DistilledSpec, train_examples: li
             epoch += 1
         ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in order.pop()],
                                                            tokenizer.pad_token_id))
-        # the output head only from the first answer position on (as in finetune's answer_loss):
-        # position p predicts token p + 1, and only answer tokens count
-        is_answer = labels != IGNORE
-        first = max(int(torch.where(is_answer.any(1), is_answer.int().argmax(1), labels.shape[1]).min()) - 1, 0)
-        keep = torch.arange(first, ids.shape[1] - 1, device=device)
-        target = labels[:, first + 1:]
+        keep, target = answer_positions(labels)  # the output head only from the first answer on
         answer = target != IGNORE
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             with torch.no_grad():

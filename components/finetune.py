@@ -210,6 +210,17 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def answer_positions(labels):
+    """(positions whose logits predict an answer token, from the batch's first answer on; the
+    tokens they predict, IGNORE where not an answer). Position p predicts token p + 1."""
+    import torch
+
+    answer = labels != IGNORE
+    starts = torch.where(answer.any(1), answer.int().argmax(1), labels.shape[1])
+    first = max(int(starts.min()) - 1, 0)
+    return torch.arange(first, labels.shape[1] - 1, device=labels.device), labels[:, first + 1:]
+
+
 def answer_loss(model, ids, mask, labels, logits_to_keep: bool = True):
     """Mean cross-entropy over the answer tokens, as ``model(labels=labels).loss`` computes it,
     but with the output head applied only from the first answer position on: the prompt
@@ -219,12 +230,8 @@ def answer_loss(model, ids, mask, labels, logits_to_keep: bool = True):
 
     if not logits_to_keep:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    answer = labels != IGNORE
-    starts = torch.where(answer.any(1), answer.int().argmax(1), labels.shape[1])
-    first = max(int(starts.min()) - 1, 0)
-    keep = torch.arange(first, ids.shape[1] - 1, device=ids.device)  # position p predicts token p + 1
+    keep, target = answer_positions(labels)
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-    target = labels[:, first + 1:]
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE)
 

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator, model_validator
 
 from components import probes, tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
-from components.models import ModelError, resolve, weights_sha256
+from components.models import weights_sha256
 
 OUTPUTS = ("report.json", "report.md")
 # metric -> +1 when higher is better, -1 when lower is better
@@ -401,7 +401,7 @@ def run_probes(checks: dict, examples: list[dict], prepare_cfg, answer) -> dict[
 def run(cfg: GatesSpec, io: StageIO) -> StageResult:
     """Check every gate of ``cfg.checks``; write report.json and report.md."""
     from components.evaluate import EvaluateSpec, generate, load_candidate, prompt_ids
-    from components.finetune import FinetuneSpec
+    from components.finetune import FinetuneSpec, base_model_of
     from components.prepare import PrepareSpec, read_examples
     from components.register import RegisterSpec
 
@@ -416,10 +416,7 @@ def run(cfg: GatesSpec, io: StageIO) -> StageResult:
         raise StageError("evaluate's metrics are for a different test split than prepare's "
                          f"({str(evaluation.get('test_sha256'))[:12]} vs {test_sha[:12]}); "
                          "run the evaluate stage again")
-    try:
-        base_path = resolve(ft_cfg.base_model, io.models, io.state_dir)
-    except ModelError as exc:
-        raise StageError(f"finetune.base_model: {exc}") from exc
+    base_path = base_model_of(io)
     adapter = io.inputs["finetune"] / "adapter"
     examples = read_examples(test_path)
     kinds = {g.kind for g in cfg.checks.values()}

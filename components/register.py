@@ -25,7 +25,7 @@ from pydantic import Field
 
 from components import registry, tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
-from components.models import ModelError, resolve, weights_sha256
+from components.models import weights_sha256
 
 OUTPUTS = ("model", "registration.json")
 MANIFEST = "llmops-model.json"
@@ -167,13 +167,10 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components.finetune import FinetuneSpec
+    from components.finetune import FinetuneSpec, base_model_of
 
     ft_cfg: FinetuneSpec = io.sections.get("finetune", FinetuneSpec())
-    try:
-        base_path = Path(resolve(ft_cfg.base_model, io.models, io.state_dir))
-    except ModelError as exc:
-        raise StageError(f"finetune.base_model: {exc}") from exc
+    base_path = Path(base_model_of(io))
     adapter = io.inputs["finetune"] / "adapter"
     training = json.loads((io.inputs["finetune"] / "metrics.json").read_text())
     evaluation = json.loads((io.inputs["evaluate"] / "metrics.json").read_text())
