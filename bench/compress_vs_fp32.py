@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     from components.base import write_json
     from components.compress import INFO_FILE, TOP_K, MeasureSpec, build_merged, jaccard, measure_alone
-    from components.models import resolve
+    from components.catalog import resolve
     from components.prepare import read_examples
     from llmops.spec import load_spec
 

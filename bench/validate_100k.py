@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from components import generate  # noqa: E402
 from components.base import StageIO  # noqa: E402
-from components.models import pull  # noqa: E402
+from components.catalog import pull  # noqa: E402
 from components.validate import run  # noqa: E402
 from llmops.spec import load_spec  # noqa: E402
 

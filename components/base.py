@@ -1,4 +1,5 @@
-"""Pieces every stage shares: the strict config base, the stage I/O contract, hashing.
+"""Pieces every stage shares: the strict config base, the typed report base, the stage I/O
+contract, hashing.
 
 A stage is a plain function ``run(cfg, io) -> StageResult``: its spec section and the
 folders of the stages it reads, in; the files it wrote and its metrics, out. Nothing
@@ -10,9 +11,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class StrictModel(BaseModel):
@@ -23,6 +24,31 @@ class StrictModel(BaseModel):
 
 class StageError(RuntimeError):
     """A stage could not do its work because of its input or config; the message says what."""
+
+
+class Report(BaseModel):
+    """A stage's typed report (components/reports.py): written as JSON into the stage's
+    folder, read back by the stages and commands after it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    FILE: ClassVar[str] = "metrics.json"
+
+    @classmethod
+    def read(cls, where: Path) -> "Report":
+        """The report in folder ``where`` (or the file ``where``); StageError naming the file
+        when it is missing or does not hold this report."""
+        path = Path(where) / cls.FILE if Path(where).is_dir() else Path(where)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise StageError(f"{path}: missing; run the stage that writes it") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise StageError(f"{path}: not a {cls.__name__} ({'.'.join(map(str, first['loc']))}: {first['msg']}); "
+                             "run the stage that writes it again") from None
+
+    def write(self, folder: Path) -> Path:
+        return write_json(Path(folder) / self.FILE, self.model_dump(mode="json"))
 
 
 @dataclass(frozen=True)
@@ -52,20 +78,22 @@ class StageIO:
 
 @dataclass
 class StageResult:
-    """What a stage produced: output files by name, headline metrics, a Markdown summary."""
+    """What a stage produced: output files by name, its typed report (written as its
+    metrics.json), a Markdown summary."""
 
     outputs: dict[str, Path]
-    metrics: dict[str, Any]
+    report: Report
     summary: str
 
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.report.model_dump(mode="json")
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+
+def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def write_json(path: Path, data: Any) -> Path:

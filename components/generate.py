@@ -1,5 +1,6 @@
 """Deterministic generator of the demo task: support-ticket triage for "Tessera", a
-fictional software company with five products.
+fictional software company with five products. (Long because it holds the demo's phrase
+tables: subjects, bodies, greetings and impact phrases per intent and product.)
 
 Four tables come out (same seed, same bytes):
 

@@ -21,16 +21,9 @@ from pydantic import Field
 
 from components import generate
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table
+from components.reports import IngestReport
+from components.tables import SCHEMA, TIME_COLUMNS
 
-# Table -> required columns (more columns are kept; validation decides about them).
-SCHEMA: dict[str, tuple[str, ...]] = {
-    "tickets": ("ticket_id", "customer_id", "created_at", "channel", "subject", "body",
-                "intent", "priority", "article_id"),
-    "customers": ("customer_id", "signup_at"),
-    "customer_profiles": ("customer_id", "event_timestamp", "plan", "tenure_days", "open_tickets_30d"),
-    "articles": ("article_id", "title", "body"),
-}
-TIME_COLUMNS = {"tickets": "created_at", "customers": "signup_at", "customer_profiles": "event_timestamp"}
 OUTPUTS = tuple(f"{t}.parquet" for t in SCHEMA)
 
 
@@ -66,11 +59,11 @@ def run(cfg: IngestSpec, io: StageIO) -> StageResult:
         path = io.out_dir / f"{name}.parquet"
         df.to_parquet(path, index=False)
         outputs[name] = path
-    metrics = {f"n_{name}": int(len(df)) for name, df in tables.items()}
-    metrics["tickets_sha256"] = file_sha256(outputs["tickets"])
+    report = IngestReport(source=origin, rows={name: int(len(df)) for name, df in tables.items()},
+                          tickets_sha256=file_sha256(outputs["tickets"]))
     rows = [{"table": n, "rows": len(df), "file": str(outputs[n])} for n, df in tables.items()]
     summary = f"### ingest\nSource: `{origin}`\n\n" + markdown_table(rows)
-    return StageResult(outputs=outputs, metrics=metrics, summary=summary)
+    return StageResult(outputs=outputs, report=report, summary=summary)
 
 
 def read_tables(uri: str, s3_endpoint_url: str | None = None) -> dict[str, pd.DataFrame]:

@@ -16,6 +16,7 @@ model card) and its outcome into tags: ``gates.status`` (passed/failed) and
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import datetime, timezone
@@ -25,12 +26,13 @@ from pydantic import Field
 
 from components import registry, tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
-from components.models import weights_sha256
+from components.catalog import base_model_path, weights_sha256
+from components.reports import (CompressReport, EvaluationReport, GateReport, PrepareReport, RegistrationReport,
+                                TrainingReport)
+from components.task import AnswerSchema
 
-OUTPUTS = ("model", "registration.json")
+OUTPUTS = ("model",)
 MANIFEST = "llmops-model.json"
-HEADLINE = ("exact_match", "json_valid_rate", "intent_accuracy", "priority_accuracy", "article_accuracy")
-TAGGED = (*HEADLINE, "perplexity")  # recorded as metric.* tags: what champion gates compare
 
 
 class RegisterSpec(StrictModel):
@@ -38,16 +40,17 @@ class RegisterSpec(StrictModel):
     alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")  # set on the new version
     description: str = "Triages Tessera support tickets: intent, priority and help-center article as JSON."
     license: str = "apache-2.0"  # the base model's licence (SmolLM2: Apache 2.0); the adapter inherits it
+    limitations: list[str] = []  # known limits for the model card (data, languages, biases)
 
 
-def build_package(folder: Path, adapter: Path, manifest: dict, card: str, gates: Path | None = None,
+def build_package(folder: Path, adapter: Path, manifest: dict, card: str, gates: GateReport | None = None,
                   serving: Path | None = None) -> Path:
     """The folder a version holds: adapter/, serving/ (the chosen compressed variant, if any),
-    the manifest, the model card (and the gate report)."""
+    the manifest (with the answer schema), the model card (and the gate report)."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(adapter, folder / "adapter")
     if gates is not None:
-        shutil.copy(gates, folder / "gates.json")
+        write_json(folder / "gates.json", gates.model_dump(mode="json"))
     if serving is not None:
         shutil.copytree(serving, folder / "serving")
     write_json(folder / MANIFEST, manifest)
@@ -58,17 +61,18 @@ def build_package(folder: Path, adapter: Path, manifest: dict, card: str, gates:
 def serving_entry(compress_dir: Path) -> dict:
     """The manifest's ``serving`` entry for compress's chosen variant: what it is, its files'
     hashes, and how it measured against the uncompressed model."""
-    report = json.loads((compress_dir / "metrics.json").read_text())
-    chosen = report["chosen"]
-    m = report["variants"][chosen]
+    report = CompressReport.read(compress_dir)
+    v = report.served
     folder = compress_dir / "model"
-    return {"variant": chosen, "format": m["format"], "folder": "serving",
+    return {"variant": report.chosen, "format": v.format, "folder": "serving",
             "files_sha256": {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()},
-            "reason": report["reason"],
-            "validation": {k: m[k] for k in ("size_mb", "tokens_per_s_batch1", "tokens_per_s_batch8",
-                                             "request_latency_p95_ms", "exact_match", "json_valid_rate",
-                                             "perplexity", "jaccard_at_1")},
-            "vs_uncompressed": m["vs_reference"]}
+            "reason": report.reason,
+            "validation": {"size_mib": v.size_mib, "tokens_per_s_batch1": v.tokens_per_s_batch1,
+                           "tokens_per_s_batched": v.tokens_per_s_batched, "batch_size": report.batch_size,
+                           "request_latency_p95_ms": v.request_latency_p95_ms, "exact_match": v.quality.exact_match,
+                           "json_valid_rate": v.quality.json_valid_rate, "perplexity": v.quality.perplexity,
+                           "jaccard_at_1": v.jaccard_at.get(1)},
+            "vs_uncompressed": v.vs_reference, "measured_on": report.cpu}
 
 
 def _serving_card(manifest: dict) -> str:
@@ -77,30 +81,34 @@ def _serving_card(manifest: dict) -> str:
         return ""
     v, r = serving["validation"], serving["vs_uncompressed"]
     return (f"\n## Serving variant\n\n`serving/` holds **{serving['variant']}** ({serving['format']}), chosen by the "
-            f"compress stage: {serving['reason']}.\n\n| | |\n|---|---|\n| size | {v['size_mb']} MB "
+            f"compress stage: {serving['reason']}.\n\n| | |\n|---|---|\n| size | {v['size_mib']} MiB "
             f"({100 * r['size_ratio']:.0f}% of the merged fp32 model) |\n| tokens/s at batch 1 | "
             f"{v['tokens_per_s_batch1']} ({r['speedup_batch1']}x) |\n| exact match (validation) | {v['exact_match']} "
             f"({100 * r['exact_match_change']:+.1f} pts) |\n| top-1 agreement with the fp32 model | {v['jaccard_at_1']} |\n")
 
 
-def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: dict, splits: dict,
-               gates: dict | None = None) -> str:
+def model_card(cfg: RegisterSpec, manifest: dict, evaluation: EvaluationReport, training: TrainingReport,
+               splits: PrepareReport, gates: GateReport | None = None) -> str:
     """The version's README.md: description, data, results, usage, limitations, licence."""
-    cand, base = evaluation["candidate"], evaluation["base"]
-    rows = [{"metric": k, "fine-tuned": cand[k], "base model": base[k]}
-            for k in (*HEADLINE, "perplexity", "latency_p50_ms", "latency_p95_ms", "generated_tokens_per_s")]
-    data_rows = [{"split": s, "examples": m["examples"], "sha256": m["sha256"]} for s, m in splits.items()]
-    slices = evaluation.get("slices", {}).get("candidate", {})
+    cand, base = evaluation.candidate.flat(), evaluation.base.flat()
+    headline = ["exact_match", "json_valid_rate", *(f"{f}_accuracy" for f in evaluation.candidate.field_accuracy),
+                "perplexity", "latency_p50_ms", "latency_p95_ms", "generated_tokens_per_s"]
+    rows = [{"metric": k, "fine-tuned": cand.get(k, ""), "base model": base.get(k, "")} for k in headline]
+    data_rows = [{"split": s, "examples": m.examples, "sha256": m.sha256} for s, m in splits.splits.items()]
     slice_rows = [{"slice": f"{field}={value}", "n": m["n"], "exact match": m["exact_match"]}
-                  for field, values in slices.items() for value, m in values.items()]
+                  for field, values in evaluation.slices.get("candidate", {}).items() for value, m in values.items()]
     weakest = min(slice_rows, key=lambda r: r["exact match"]) if slice_rows else None
     gate_section = ""
     if gates is not None:
-        from components.gates import rows_for_display
-
-        gate_section = (f"\n## Gates: {gates['status']}\n\n"
+        gate_section = (f"\n## Gates: {gates.status}\n\n"
                         + markdown_table([{k: r[k] for k in ("gate", "observed", "threshold", "margin", "result")}
-                                          for r in rows_for_display(gates)]) + "\n")
+                                          for r in gates.rows()]) + "\n")
+    limits = [*cfg.limitations,
+              f"Weakest slice on the test split: {weakest['slice']} (exact match {weakest['exact match']}, "
+              f"n={weakest['n']})." if weakest else "No slices were evaluated.",
+              "Check every answer against the answer schema (`answer_schema` in llmops-model.json)."]
+    retrieval = (f" and the top {manifest['prompt']['top_k']} articles retrieved for it"
+                 if manifest["prompt"].get("retrieval") else "")
     return f"""# {cfg.model_name}
 
 {cfg.description}
@@ -109,16 +117,15 @@ def model_card(cfg: RegisterSpec, manifest: dict, evaluation: dict, training: di
 |---|---|
 | base model | `{manifest['base_model']['name']}` (weights sha256 `{manifest['base_model']['sha256'][:16]}…`) |
 | method | {manifest['method']['kind']} ({manifest['trainable_params']:,} trainable parameters) |
-| trained | {training.get('steps')} steps in {training.get('minutes')} min on {training.get('device')} ({training.get('dtype')}), stopped by {training.get('stopped_by')} |
+| trained | {training.steps} steps in {training.minutes} min on {training.device} ({training.dtype}) |
 | git commit | `{manifest['git_commit']}` |
 | spec sha256 | `{manifest['spec_sha256']}` |
 | licence | {cfg.license} |
 
 ## Training data
 
-Support tickets with the customer's profile as of the ticket's time (Feast point-in-time
-join) and the top {manifest['prompt']['top_k']} help-center articles retrieved for the
-ticket, rendered as chats; split by a hash of the ticket id.
+Requests with their entity's features as of the request's time (Feast point-in-time
+join){retrieval}, rendered as chats; split by a hash of the request id.
 
 {markdown_table(data_rows)}
 
@@ -132,29 +139,20 @@ Exact match by slice:
 {gate_section}
 ## Usage
 
+`llmops serve --model {cfg.model_name}@champion` serves it. By hand:
+
 ```python
 import mlflow
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from components.lm import load
 
 folder = mlflow.artifacts.download_artifacts("models:/{cfg.model_name}@{cfg.alias}")
-tokenizer = AutoTokenizer.from_pretrained(f"{{folder}}/adapter")
-base = AutoModelForCausalLM.from_pretrained("<folder of {manifest['base_model']['name']}>", use_safetensors=True)
-model = PeftModel.from_pretrained(base, f"{{folder}}/adapter").merge_and_unload()
-# Build the prompt with components/features.py: online_context (same template as training),
-# then generate greedily and parse the answer with components/evaluate.py: parse_answer.
+tokenizer, model = load("<folder of {manifest['base_model']['name']}>", adapter=Path(folder) / "adapter")
+# Prompts: components/task.py build_messages with the manifest's prompt; answers: its answer_schema.
 ```
 {_serving_card(manifest)}
 ## Limitations and biases
 
-- Trained on the demo's synthetic tickets (8 intents, 5 products, English plus a little
-  Spanish); other products, intents or languages are out of distribution.
-- Priority depends on the customer's plan and account flags by design: customers on
-  higher plans get higher priority for the same text.
-- Answers are only as good as the retrieved articles: when the right article is not among
-  the top {manifest['prompt']['top_k']}, the article id is wrong.
-- Weakest slice on the test split: {f"{weakest['slice']} (exact match {weakest['exact match']}, n={weakest['n']})" if weakest else "n/a"}.
-- A {manifest['base_model']['parameters'] or 'small'}-parameter model: check JSON validity on every answer.
+{chr(10).join(f"- {line}" for line in limits)}
 
 ## Licence
 
@@ -167,36 +165,39 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components.finetune import FinetuneSpec, base_model_of
-
-    ft_cfg: FinetuneSpec = io.sections.get("finetune", FinetuneSpec())
-    base_path = Path(base_model_of(io))
+    ft_cfg = io.sections["finetune"]
+    task = io.sections["task"]
+    features_cfg = io.sections.get("features")
+    base_path = Path(base_model_path(io))
     adapter = io.inputs["finetune"] / "adapter"
-    training = json.loads((io.inputs["finetune"] / "metrics.json").read_text())
-    evaluation = json.loads((io.inputs["evaluate"] / "metrics.json").read_text())
-    splits = json.loads((io.inputs["prepare"] / "splits.json").read_text())
-    if evaluation.get("base_model_sha256") and evaluation.get("test_sha256") != splits["test"]["sha256"]:
+    training = TrainingReport.read(io.inputs["finetune"])
+    evaluation = EvaluationReport.read(io.inputs["evaluate"])
+    splits = PrepareReport.read(io.inputs["prepare"])
+    schema = AnswerSchema.read(io.inputs["prepare"] / AnswerSchema.FILE)
+    if evaluation.test_sha256 != splits.splits["test"].sha256:
         raise StageError("evaluate's metrics are for a different test split than prepare's "
-                         f"({evaluation.get('test_sha256', '?')[:12]} vs {splits['test']['sha256'][:12]}); "
+                         f"({evaluation.test_sha256[:12]} vs {splits.splits['test'].sha256[:12]}); "
                          "run the evaluate stage again")
     base_sha = weights_sha256(str(base_path), io.state_dir)
-    prepare_cfg, features_cfg = io.sections.get("prepare"), io.sections.get("features")
     catalog_entry = io.models.get(ft_cfg.base_model)
+    tagged = {k: v for k, v in evaluation.candidate.flat().items()
+              if k in ("exact_match", "json_valid_rate", "perplexity") or k.endswith("_accuracy")}
     manifest = {
-        "format": 1,
+        "format": 2,
         "base_model": {"name": ft_cfg.base_model, "sha256": base_sha,
                        "source": catalog_entry.model_dump(mode="json") if catalog_entry is not None else None,
-                       "parameters": training.get("total_params")},
+                       "parameters": training.total_params},
         "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"),
         "method": ft_cfg.method.model_dump(mode="json"),
-        "trainable_params": training.get("trainable_params", 0),
-        "prompt": {"system_prompt": getattr(prepare_cfg, "system_prompt", None),
-                   "user_template": getattr(prepare_cfg, "user_template", None),
+        "trainable_params": training.trainable_params,
+        "prompt": {"system_prompt": task.system_prompt, "user_template": task.user_template,
+                   "retrieval_query": task.retrieval_query, "retrieval": task.uses_retrieval(),
                    "top_k": getattr(features_cfg, "top_k", None),
-                   "embedding_model": getattr(features_cfg, "embedding_model", None)},
-        "data_sha256": {s: m["sha256"] for s, m in splits.items()},
-        "metrics": {k: evaluation["candidate"][k] for k in TAGGED} | {
-            "base_exact_match": evaluation["base"]["exact_match"]},
+                   "embedding_model": getattr(features_cfg, "embedding_model", None),
+                   "feature_service": getattr(features_cfg, "feature_service", None)},
+        "answer_schema": {"schema": schema.schema, "ordered": schema.ordered},
+        "data_sha256": {s: m.sha256 for s, m in splits.splits.items()},
+        "metrics": tagged | {"base_exact_match": evaluation.base.exact_match},
         "git_commit": io.context.get("git_commit", "unknown"),
         "spec_sha256": io.context.get("spec_sha256", "unknown"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -204,12 +205,11 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     serving = io.inputs.get("compress")
     if serving is not None:
         manifest["serving"] = serving_entry(serving)
-    gates_file = io.inputs["gates"] / "report.json" if "gates" in io.inputs else None
-    gates = json.loads(gates_file.read_text()) if gates_file else None
-    if gates is not None and gates.get("test_sha256") != splits["test"]["sha256"]:
+    gates = GateReport.read(io.inputs["gates"]) if "gates" in io.inputs else None
+    if gates is not None and gates.test_sha256 != splits.splits["test"].sha256:
         raise StageError("the gate report is for a different test split than prepare's; run the gates stage again")
     card = model_card(cfg, manifest, evaluation, training, splits, gates)
-    package = build_package(io.out_dir / "model", adapter, manifest, card, gates_file,
+    package = build_package(io.out_dir / "model", adapter, manifest, card, gates,
                             serving / "model" if serving is not None else None)
 
     started = None if mlflow.active_run() else mlflow.start_run(run_name="register")
@@ -231,7 +231,7 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
         if "serving" in manifest:
             tags["serving_variant"] = manifest["serving"]["variant"]
         if gates is not None:
-            tags |= {"gates.status": gates["status"], "gates.failed": ",".join(gates["failed"])}
+            tags |= {registry.GATE_STATUS_TAG: gates.status, registry.GATE_FAILED_TAG: ",".join(gates.failed)}
         version = client.create_model_version(cfg.model_name, source=f"{run.info.artifact_uri}/model",
                                               run_id=run.info.run_id, tags=tags, description=card)
         registry.move(client, cfg.model_name, cfg.alias, int(version.version),
@@ -239,16 +239,19 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     finally:
         if started is not None:
             mlflow.end_run()
-    registration = {"model_name": cfg.model_name, "version": int(version.version), "alias": cfg.alias,
-                    "source": version.source, "run_id": run.info.run_id,
-                    "tracking_uri": mlflow.get_tracking_uri()}
-    if gates is not None:
-        registration |= {"gates_status": gates["status"], "gates_failed": gates["failed"],
-                         "gates_report_sha256": file_sha256(gates_file)}
-    write_json(io.out_dir / "registration.json", registration)
-    gate_note = f", gates {gates['status']}" if gates is not None else ""
+    report = RegistrationReport(
+        model_name=cfg.model_name, version=int(version.version), alias=cfg.alias, run_id=run.info.run_id,
+        tracking_uri=mlflow.get_tracking_uri(), model_uri=version.source,
+        gates_status=gates.status if gates is not None else None,
+        gates_sha256=_gates_digest(gates) if gates is not None else None,
+        serving_variant=manifest.get("serving", {}).get("variant"))
+    gate_note = f", gates {gates.status}" if gates is not None else ""
     summary = (f"### register\n`{cfg.model_name}` version {version.version} -> alias `{cfg.alias}`{gate_note} "
                f"(base `{ft_cfg.base_model}` sha256 {base_sha[:12]}, adapter {manifest['adapter_sha256'][:12]}).\n\n"
                + markdown_table([{"metric": k, "value": v} for k, v in manifest["metrics"].items()]))
-    return StageResult(outputs={"model": package, "registration": io.out_dir / "registration.json"},
-                       metrics={"version": int(version.version), **manifest["metrics"]}, summary=summary)
+    return StageResult(outputs={"model": package}, report=report, summary=summary)
+
+
+def _gates_digest(gates: GateReport) -> str:
+    """A digest of the gate report's content: promote checks it is the report this version holds."""
+    return hashlib.sha256(json.dumps(gates.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

@@ -35,17 +35,24 @@ customer_profile = FeatureView(
 
 @on_demand_feature_view(
     sources=[customer_profile],
-    schema=[Field(name="new_customer", dtype=String), Field(name="busy_account", dtype=String)],
+    schema=[Field(name="new_customer", dtype=String), Field(name="busy_account", dtype=String),
+            Field(name="account_weight", dtype=String)],
     description="Support-policy flags, computed from the profile at read time (online and offline alike): "
-                "new customer = tenure under 30 days; busy account = 3 or more tickets open in 30 days",
+                "new customer = tenure under 30 days; busy account = 3 or more tickets open in 30 days; "
+                "account weight = the policy's priority adjustment for the account (free plan -1, enterprise "
+                "+1, +1 for a new customer, +1 for a busy account), signed, 'unknown' without a profile",
 )
 def customer_flags(profile: pd.DataFrame) -> pd.DataFrame:
     def flag(condition: pd.Series, known: pd.Series) -> pd.Series:
         return condition.map({True: "yes", False: "no"}).where(known, "unknown")
 
-    tenure, open_tickets = profile["tenure_days"], profile["open_tickets_30d"]
+    tenure, open_tickets, plan = profile["tenure_days"], profile["open_tickets_30d"], profile["plan"]
+    known = tenure.notna() & open_tickets.notna() & plan.notna()
+    weight = (plan.map({"free": -1, "enterprise": 1}).fillna(0) + (tenure < 30).astype(int)
+              + (open_tickets >= 3).astype(int))
     return pd.DataFrame({"new_customer": flag(tenure < 30, tenure.notna()),
-                         "busy_account": flag(open_tickets >= 3, open_tickets.notna())})
+                         "busy_account": flag(open_tickets >= 3, open_tickets.notna()),
+                         "account_weight": weight.map(lambda w: f"{int(w):+d}").where(known, "unknown")})
 
 
 article_embeddings = FeatureView(

@@ -1,8 +1,9 @@
 """The pipeline as a Prefect flow: each stage of pipelines.yaml is a task, run in order.
 
 What runs: the stages listed under ``pipelines.<name>.stages`` (or a --from/--until
-slice of them). Where: in-process, on an ephemeral Prefect server with its SQLite
-database in the state folder, or on the server named by ``services.prefect.api_url``.
+slice of them), each in a fresh child process (as under DVC). Where: on an ephemeral
+Prefect server with its SQLite database in the state folder, or on the server named by
+``services.prefect.api_url``.
 Retries: ``pipelines.<name>.retries.<stage>``. Each stage leaves a Markdown artifact.
 The parameters are plain JSON (a spec path and overrides), so the same flow can be
 deployed to a Prefect server and started from its UI.
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.base import StageError
-from components.models import ModelError
-from llmops.runner import end_pipeline_run, execute_stage, select_stages, start_pipeline_run
+from components.catalog import ModelError
+from llmops.runner import end_pipeline_run, execute_stage_isolated, select_stages, start_pipeline_run
 from llmops.spec import SpecError, load_spec
 
 EXPECTED_ERRORS = (StageError, ModelError, SpecError)
@@ -41,27 +43,29 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
 
 @task(task_run_name="{stage}")
 def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str,
-              mlflow_run_id: str | None = None) -> dict[str, str]:
-    """One stage: the same function `llmops stage` and dvc.yaml call, its MLflow run nested
-    under the pipeline's."""
+              mlflow_run_id: str | None = None) -> dict:
+    """One stage, in a child process: the same function `llmops stage` and dvc.yaml call,
+    its MLflow run nested under the pipeline's. Returns its outputs and wall time."""
     logger = get_run_logger()
-    spec = load_spec(spec_file, overrides, pipeline)
     logger.info("stage %s: started", stage)
-    result = execute_stage(spec, Path(spec_file).resolve().parent, pipeline, stage, parent_run_id=mlflow_run_id)
+    started = time.perf_counter()
+    result = execute_stage_isolated(spec_file, overrides, pipeline, stage, parent_run_id=mlflow_run_id)
+    seconds = round(time.perf_counter() - started, 1)
     outputs = {name: str(path) for name, path in result.outputs.items()}
     listing = "\n".join(f"- `{name}`: `{path}`" for name, path in outputs.items())
     create_markdown_artifact(key=_artifact_key(pipeline, stage),
                              markdown=f"{result.summary}\n\n**Outputs**\n{listing}\n",
                              description=f"{pipeline}: {stage}")
-    logger.info("stage %s: done, metrics %s", stage, result.metrics)
-    return outputs
+    logger.info("stage %s: done in %.1f s", stage, seconds)
+    return {"outputs": outputs, "seconds": seconds}
 
 
 @flow(name="llmops-pipeline", flow_run_name="{pipeline}")
 def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None, start: str | None = None,
-                  until: str | None = None, overrides: list[str] | None = None) -> dict[str, dict[str, str]]:
+                  until: str | None = None, overrides: list[str] | None = None) -> dict[str, dict]:
     """Run ``pipeline`` (default: the spec's default) from ``start`` to ``until``, as one
-    MLflow run with a nested run per stage; returns stage -> output name -> path."""
+    MLflow run with a nested run per stage; returns stage -> {"outputs": name -> path,
+    "seconds": wall time}."""
     import mlflow
     from prefect.runtime import flow_run
 
@@ -74,7 +78,7 @@ def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None
     client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.id))
     client.set_tag(run_id, "llmops.stages", ",".join(stages))
     get_run_logger().info("MLflow run %s (experiment %r, %s)", run_id, name, mlflow.get_tracking_uri())
-    outputs: dict[str, dict[str, str]] = {}
+    outputs: dict[str, dict] = {}
     ok = False
     try:
         for stage in stages:

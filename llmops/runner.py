@@ -1,6 +1,11 @@
 """Run one stage of a pipeline: the single code path under both `llmops run` (Prefect)
 and `llmops stage` (what dvc.yaml calls).
 
+Under `llmops run` each stage runs in a fresh child process (:func:`execute_stage_isolated`),
+as under DVC: models a stage loaded are freed when it ends, no thread pool of an earlier
+stage slows a later one, and the embedded Milvus Lite store (one process at a time) is
+released between stages.
+
 A stage writes into ``<artifacts>/<pipeline>/<stage>.partial/`` and that folder replaces
 ``<artifacts>/<pipeline>/<stage>/`` only when the stage succeeded, so a failed run never
 leaves a half-written stage folder where the next stage (or DVC) would read it. When a
@@ -18,9 +23,18 @@ import subprocess
 from pathlib import Path
 
 from components import tracking
-from components.base import StageError, StageIO, StageResult, write_json
-from llmops.spec import Spec
-from llmops.stages import METRICS_FILE, STAGES
+from components.base import StageError, StageIO, StageResult
+from llmops.services import describe
+from llmops.spec import Spec, load_spec
+from llmops.stages import STAGES
+
+# Off for every tool that has it: nothing tries the network on its own.
+TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false",
+                 "HF_HUB_DISABLE_TELEMETRY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "DVC_NO_ANALYTICS": "1"}
+# Prefect gives its ephemeral server ~20 s to migrate a new database and start; on a busy
+# 2-core machine that was not enough and the first run died. Generous, since it only waits.
+PREFECT_STARTUP_S = "300"
 
 
 def configure_environment(spec: Spec, root: Path) -> None:
@@ -30,8 +44,10 @@ def configure_environment(spec: Spec, root: Path) -> None:
     state.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", PREFECT_STARTUP_S)
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     # gRPC's C core logs a "too_many_pings" GOAWAY to stderr when the Milvus Lite channel of a
     # finished stage idles for a few minutes while later stages run. This only hides the line:
@@ -152,7 +168,15 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str,
                      context={"git_commit": run.data.tags["llmops.git_commit"],
                               "spec_sha256": run.data.tags["llmops.spec_sha256"], "mlflow_run_id": run.info.run_id,
                               "mlflow_parent_run_id": parent_run_id})
-        result = _run_in_folder(definition, pipe.section(stage), io, partial, final)
+        try:
+            result = _run_in_folder(definition, pipe.section(stage), io, partial, final)
+        except StageError:
+            raise
+        except Exception as exc:
+            line = describe(exc)
+            if line is None:
+                raise
+            raise StageError(f"stage {stage!r}: {line}") from exc
         tracking.log_metrics(result.metrics)
         tracking.log_text(result.summary, "summary.md")
     return result
@@ -176,7 +200,7 @@ def _run_in_folder(definition, cfg, io: StageIO, partial: Path, final: Path) -> 
         shutil.rmtree(partial, ignore_errors=True)
         raise
     shutil.rmtree(failed, ignore_errors=True)
-    write_json(partial / METRICS_FILE, result.metrics)
+    result.report.write(partial)  # the stage's typed report is its metrics.json
     undeclared = [f for f in definition.outputs if not (partial / f).exists()]
     if undeclared:
         raise StageError(f"stage {stage!r} did not write {', '.join(undeclared)}")
@@ -184,6 +208,22 @@ def _run_in_folder(definition, cfg, io: StageIO, partial: Path, final: Path) -> 
     partial.rename(final)
     result.outputs = {k: final / Path(p).relative_to(partial) for k, p in result.outputs.items()}
     return result
+
+
+def execute_stage_isolated(spec_file: str, overrides: list[str], pipeline: str, stage: str,
+                           parent_run_id: str | None = None) -> StageResult:
+    """:func:`execute_stage` in a fresh spawned child process (the environment is inherited;
+    the spec is read again there). Its errors are raised here as they were raised there."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child, spec_file, overrides, pipeline, stage, parent_run_id).result()
+
+
+def _child(spec_file: str, overrides: list[str], pipeline: str, stage: str, parent_run_id: str | None) -> StageResult:
+    spec = load_spec(spec_file, overrides, pipeline)
+    return execute_stage(spec, Path(spec_file).resolve().parent, pipeline, stage, parent_run_id=parent_run_id)
 
 
 def select_stages(stages: list[str], start: str | None, until: str | None) -> list[str]:

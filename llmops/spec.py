@@ -16,16 +16,17 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from components.base import StrictModel
+from components.catalog import ModelSource
 from components.compress import CompressSpec
-from components.features import FeaturesSpec
 from components.evaluate import EvaluateSpec
+from components.featurestore import FeaturesSpec
 from components.finetune import FinetuneSpec
 from components.gates import GatesSpec
-from components.register import RegisterSpec
 from components.ingest import IngestSpec
-from components.models import ModelSource
 from components.prepare import PrepareSpec
 from components.promote import PromoteSpec
+from components.register import RegisterSpec
+from components.task import TaskSpec
 from components.validate import ValidateSpec
 from llmops.stages import STAGES
 
@@ -68,6 +69,7 @@ class PipelineSpec(StrictModel):
     stages: list[str] = Field(min_length=1)
     retries: dict[str, Annotated[int, Field(ge=0)]] = {}
     retry_delay_s: float = Field(10.0, ge=0)
+    task: TaskSpec = TaskSpec()
     ingest: IngestSpec = IngestSpec()
     validate_: ValidateSpec = Field(ValidateSpec(), alias="validate")  # `validate` is taken by pydantic
     features: FeaturesSpec = FeaturesSpec()

@@ -5,22 +5,30 @@ Adding a stage = one component module + its section in PipelineSpec (llmops/spec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from components import (compress, evaluate, features, finetune, gates, ingest, prepare, promote, register,
                         validate)
 from components.base import StageIO, StageResult
+from components.task import AnswerSchema
+
+METRICS_FILE = "metrics.json"  # every stage's typed report (llmops.runner writes it)
+SCHEMA_FILE = AnswerSchema.FILE
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[..., StageResult]  # run(cfg, io) -> StageResult
+    run: Callable[..., StageResult]  # run(cfg, io) -> StageResult; its module's imports are its code (DVC deps)
     needs: tuple[str, ...]  # stages whose output folders this one reads
     outputs: tuple[str, ...]  # files it writes in its folder (DVC outs)
-    code: tuple[str, ...]  # source files it depends on (DVC deps)
     doc: str
+    # The files it reads from each input stage's folder (needs and optional; METRICS_FILE
+    # included only where it reads that stage's report): its DVC deps on those stages. What it
+    # does not read there (Data Docs, report.md, PNG and CSV plots) is for people and re-runs nothing.
+    input_files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    extra_deps: tuple[str, ...] = ()  # files it depends on that its imports do not show (DVC deps)
     reads: tuple[str, ...] = ()  # other spec keys it reads, e.g. "prepare.split" (DVC params; the
     #                              section they sit in is passed in io.sections)
     metrics: tuple[str, ...] = ()  # report files in its folder that DVC shows as metrics
@@ -32,51 +40,60 @@ class Stage:
         return self.needs + tuple(s for s in self.optional if s in stages)
 
 
+# `feast apply` (features) loads the repository's definitions and config into the registry
+# that prepare's point-in-time joins and retrieval read: both depend on them.
+FEAST_REPO = ("feature_repo/definitions.py", "feature_repo/feature_store.yaml")
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", ingest.run, (), ingest.OUTPUTS,
-          ("components/ingest.py", "components/generate.py"),
           "bring raw tickets, customers, profiles and articles into the run folder"),
-    Stage("validate", validate.run, ("ingest",), validate.OUTPUTS, ("components/validate.py",),
-          "Great Expectations checks; stop or quarantine before training", reads=("prepare.split", "prepare.split_salt"),
-          metrics=("validation.json",)),
+    Stage("validate", validate.run, ("ingest",), validate.OUTPUTS,
+          "Great Expectations checks; stop or quarantine before training",
+          input_files={"ingest": ingest.OUTPUTS},
+          reads=("task", "prepare.split", "prepare.split_salt"), metrics=("validation.json",)),
     Stage("features", features.run, ("validate",), features.OUTPUTS,
-          ("components/features.py", "feature_repo/definitions.py", "feature_repo/feature_store.yaml"),
-          "article embeddings; feast apply; materialize profiles and articles into the online store"),
+          "article embeddings; feast apply; materialize profiles and articles into the online store",
+          input_files={"validate": ("articles.parquet", "customer_profiles.parquet", "tickets.parquet")},
+          extra_deps=FEAST_REPO),
     Stage("prepare", prepare.run, ("validate", "features"), prepare.OUTPUTS,
-          ("components/prepare.py",),
-          "Feast point-in-time profiles + retrieved articles -> chat examples, hashed splits",
-          reads=("features.embedding_model", "features.top_k")),
-    Stage("finetune", finetune.run, ("prepare",), finetune.OUTPUTS, ("components/finetune.py",),
+          "Feast point-in-time features + retrieved articles -> chat examples, hashed splits, answer schema",
+          # features' tables are read through the Feast store they were published to; the
+          # articles table gives the article ids the answer may name
+          input_files={"validate": ("articles.parquet", "tickets.parquet"), "features": features.OUTPUTS},
+          extra_deps=FEAST_REPO, reads=("task", "features")),
+    Stage("finetune", finetune.run, ("prepare",), finetune.OUTPUTS,
           "PEFT fine-tuning on the train split, answer-only loss, early stopping, resumable",
+          input_files={"prepare": ("train.jsonl", "validation.jsonl")},
           plots=({"train_log.csv": {"x": "step", "y": "loss", "title": "training loss"}},)),
-    Stage("evaluate", evaluate.run, ("prepare", "finetune"), evaluate.OUTPUTS, ("components/evaluate.py",),
+    Stage("evaluate", evaluate.run, ("prepare", "finetune"), evaluate.OUTPUTS,
           "greedy answers of the fine-tuned and the base model on the test split; metrics, slices, confusion",
-          reads=("finetune.base_model",), plots=({"confusion_intent.csv": {"template": "confusion", "x": "actual",
-                                                                          "y": "predicted",
-                                                                          "title": "intent confusion"}},)),
+          input_files={"prepare": ("test.jsonl", SCHEMA_FILE), "finetune": ("adapter",)},
+          reads=("finetune.base_model",), plots=({"confusion.csv": {"template": "confusion", "x": "actual",
+                                                                   "y": "predicted",
+                                                                   "title": "confusion (first answer field)"}},)),
     Stage("compress", compress.run, ("prepare", "finetune"), compress.OUTPUTS,
-          ("components/compress.py", "components/evaluate.py"),
           "merged, ONNX, int8/int4, pruned and distilled variants measured on validation; one chosen under "
-          "the quality budget", reads=("finetune.base_model",),
+          "the quality budget",
+          input_files={"prepare": ("train.jsonl", "validation.jsonl", SCHEMA_FILE), "finetune": ("adapter",)},
+          reads=("finetune.base_model",),
           plots=({"quality_speed.csv": {"template": "scatter", "x": "tokens_per_s_batch1", "y": "exact_match",
                                         "title": "compression: quality vs speed"}},)),
     Stage("gates", gates.run, ("prepare", "finetune", "evaluate"), gates.OUTPUTS,
-          ("components/gates.py", "components/probes.py"),
           "every declared gate: absolute, vs base, vs champion, operational budgets, behaviour, safety",
-          reads=("finetune.base_model", "evaluate", "prepare.system_prompt", "prepare.user_template",
-                 "register.model_name"),
-          optional=("compress",)),
+          input_files={"prepare": ("test.jsonl", SCHEMA_FILE), "finetune": ("adapter",),
+                       "evaluate": (METRICS_FILE,), "compress": (METRICS_FILE,)},
+          reads=("task", "finetune.base_model", "evaluate", "register.model_name"), optional=("compress",)),
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
-          ("components/register.py", "components/registry.py"),
           "new MLflow model version (adapter + base model hash + model card + gate report + chosen compressed "
-          "variant), alias challenger",
-          reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
-                 "features.top_k", "features.embedding_model"), optional=("compress", "gates")),
-    Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS, ("components/promote.py",
-                                                                           "components/registry.py"),
-          "champion <- the new version when every gate passed (previous <- the old champion); else stop"),
+          "variant + answer schema), alias challenger",
+          input_files={"prepare": (METRICS_FILE, SCHEMA_FILE), "finetune": ("adapter", METRICS_FILE),
+                       "evaluate": (METRICS_FILE,), "compress": ("model", METRICS_FILE),
+                       "gates": (METRICS_FILE,)},
+          reads=("task", "finetune.base_model", "finetune.method", "features.top_k", "features.embedding_model",
+                 "features.feature_service"), optional=("compress", "gates")),
+    Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS,
+          "champion <- the new version when every gate passed (previous <- the old champion); else stop",
+          input_files={"gates": (METRICS_FILE,), "register": (METRICS_FILE,)}),
 )}
-
-METRICS_FILE = "metrics.json"
 
 __all__ = ["STAGES", "Stage", "StageIO", "StageResult", "METRICS_FILE"]

@@ -24,16 +24,19 @@ def demo_small() -> generate.DemoData:
     return generate.generate(n_tickets=300, n_customers=60, seed=3)
 
 
-def build_features_and_prepare(root: Path, data: generate.DemoData, prepare_cfg=None, features_cfg=None):
+def build_features_and_prepare(root: Path, data: generate.DemoData, prepare_cfg=None, features_cfg=None,
+                               task=None):
     """Run the features and prepare stages on ``data`` (as validated tables) with a copy of
     feature_repo/ and a state folder under ``root``; returns (features result, prepare result, io)."""
     from components import features, prepare
     from components.base import StageIO
+    from components.featurestore import FeaturesSpec
+    from components.task import TaskSpec
     from llmops.spec import load_spec
 
     spec = load_spec(REPO / "pipelines.yaml", env={})
     prepare_cfg = prepare_cfg or prepare.PrepareSpec()
-    features_cfg = features_cfg or features.FeaturesSpec()
+    features_cfg = features_cfg or FeaturesSpec()
     repo = root / "feature_repo"
     shutil.copytree(REPO / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
     validated = root / "validate"
@@ -44,7 +47,7 @@ def build_features_and_prepare(root: Path, data: generate.DemoData, prepare_cfg=
     f_result = features.run(features_cfg, f_io)
     (root / "prepare").mkdir()
     p_io = StageIO(out_dir=root / "prepare", inputs={"validate": validated, "features": root / "features"},
-                   sections={"features": features_cfg}, **common)
+                   sections={"features": features_cfg, "task": task or TaskSpec()}, **common)
     return f_result, prepare.run(prepare_cfg, p_io), p_io
 
 
@@ -109,7 +112,7 @@ def project(tmp_path: Path) -> Path:
 
 def provisioned_models() -> Path:
     """The repo's provisioned model folder, pulling the base model first if needed."""
-    from components.models import pull
+    from components.catalog import pull
     from llmops.spec import load_spec
 
     spec = load_spec(REPO / "pipelines.yaml", env={})

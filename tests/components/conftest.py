@@ -48,9 +48,9 @@ def chat_examples(n: int, offset: int = 0) -> list[dict]:
 
 
 def triage_examples(n: int, offset: int = 0) -> list[dict]:
-    """``n`` chats rendered by prepare's own prompt builder (default template), so the
+    """``n`` chats rendered by the task's own prompt builder (default task), so the
     behavioural probes can parse and change their fields."""
-    from components.prepare import PrepareSpec, answer_json, build_messages
+    from components.task import TaskSpec, answer_json, build_messages
 
     plans = ("free", "starter", "pro", "enterprise")
     bodies = ("Hi team,\n\nWe were billed twice for the Boards widgets. Please refund it.\n\nThanks,\nAna Smith",
@@ -66,8 +66,8 @@ def triage_examples(n: int, offset: int = 0) -> list[dict]:
         articles = [{"article_id": "KB-101", "title": "Refunds and duplicate charges in Tessera Sync"}]
         out.append({"ticket_id": row["ticket_id"], "labels": {k: row[k] for k in ("intent", "priority", "article_id")},
                     "meta": {"channel": row["channel"], "plan": row["plan"]},
-                    "messages": build_messages(row, PrepareSpec(), articles)
-                    + [{"role": "assistant", "content": answer_json(row)}]})
+                    "messages": build_messages(row, TaskSpec(), articles)
+                    + [{"role": "assistant", "content": answer_json(row, TaskSpec())}]})
     return out
 
 
@@ -75,28 +75,46 @@ def triage_examples(n: int, offset: int = 0) -> list[dict]:
 def tiny_run(tiny, tmp_path_factory) -> dict:
     """prepare/, finetune/ and evaluate/ folders as the stages leave them: the tiny model
     fine-tuned for 3 steps on prompt-template chats and evaluated on 6 test chats."""
-    from components.base import StageIO, file_sha256, write_json
+    from components.base import StageIO
     from components.evaluate import EvaluateSpec
     from components.evaluate import run as evaluate
-    from components.finetune import FinetuneSpec, train
+    from components.finetune import FinetuneSpec, fit
+    from components.reports import TrainingReport
 
     root = tmp_path_factory.mktemp("tiny-run")
-    (root / "prepare").mkdir()
-    splits = {}
-    for split, offset, n in (("train", 100, 12), ("validation", 200, 4), ("test", 0, 6)):
-        path = root / "prepare" / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(e) + "\n" for e in triage_examples(n, offset)))
-        splits[split] = {"examples": n, "sha256": file_sha256(path)}
-    write_json(root / "prepare" / "splits.json", splits)
+    splits = write_prepared(root / "prepare", {"train": triage_examples(12, 100),
+                                               "validation": triage_examples(4, 200), "test": triage_examples(6)})
     ft_cfg = FinetuneSpec(base_model=str(tiny), max_steps=3, batch_size=4, warmup_steps=1, eval_every=3,
                           eval_examples=4, seed=1)
-    metrics = train(ft_cfg, str(tiny), triage_examples(12, 100), triage_examples(4, 200), root / "finetune",
-                    root / "ckpt", progress=False)
-    write_json(root / "finetune" / "metrics.json", metrics)
+    TrainingReport(**fit(ft_cfg, str(tiny), triage_examples(12, 100), triage_examples(4, 200), root / "finetune",
+                         root / "ckpt", progress=False)).write(root / "finetune")
     (root / "evaluate").mkdir()
     eval_cfg = EvaluateSpec(batch_size=3, max_new_tokens=8, latency_requests=1)
     result = evaluate(eval_cfg, StageIO(pipeline="t", out_dir=root / "evaluate", state_dir=root / "state",
                                         inputs={"prepare": root / "prepare", "finetune": root / "finetune"},
                                         sections={"finetune": ft_cfg}))
-    write_json(root / "evaluate" / "metrics.json", result.metrics)
+    result.report.write(root / "evaluate")
     return {"root": root, "finetune": ft_cfg, "evaluate": eval_cfg, "splits": splits, "tiny": tiny}
+
+
+ARTICLE_IDS = ["KB-101", "KB-102", "KB-201"]
+
+
+def write_prepared(folder: Path, splits: dict[str, list[dict]], task=None) -> dict:
+    """A prepare/ folder as the stage leaves it: split files, the answer schema (article ids
+    as in the fixtures' chats) and its report."""
+    from components.base import file_sha256
+    from components.reports import PrepareReport, SplitInfo
+    from components.task import AnswerSchema, TaskSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {}
+    for split, examples in splits.items():
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+        info[split] = SplitInfo(examples=len(examples), sha256=file_sha256(path))
+    task = task or TaskSpec()
+    values = {f: ARTICLE_IDS for f, a in task.answer.items() if a.values_from}
+    AnswerSchema.of(task, values).write(folder / AnswerSchema.FILE)
+    PrepareReport(splits=info, n_without_features=0).write(folder)
+    return {s: i.model_dump() for s, i in info.items()}

@@ -7,12 +7,14 @@ import json
 import pytest
 
 from components.base import StageError, StageIO
-from components.evaluate import (INVALID, EvaluateSpec, confusion, parse_answer, percentile, run, score,
-                                 slice_metrics)
-from components.finetune import FinetuneSpec, train
-from tests.components.conftest import chat_examples
+from components.evaluate import EvaluateSpec, run
+from components.finetune import FinetuneSpec
+from components.finetune import fit as train
+from components.task import INVALID, AnswerSchema, TaskSpec, cannot_be_answer
+from tests.components.conftest import ARTICLE_IDS, chat_examples, write_prepared
 
 GOLD = {"intent": "billing_refund", "priority": "high", "article_id": "KB-101"}
+SCHEMA = AnswerSchema.of(TaskSpec(), {"article_id": ARTICLE_IDS})
 
 
 @pytest.mark.parametrize(("text", "parsed"), [
@@ -22,14 +24,27 @@ GOLD = {"intent": "billing_refund", "priority": "high", "article_id": "KB-101"}
     ('{"intent": "billing_refund", "priority": "high"}', None),  # missing key
     ('{"intent": "billing_refund", "priority": "high", "article_id": "KB-101", "x": 1}', None),  # extra key
     ('{"intent": "billing_refund", "priority": 2, "article_id": "KB-101"}', None),  # not a string
+    ('{"intent": "complaint", "priority": "high", "article_id": "KB-101"}', None),  # not an allowed intent
+    ('{"intent": "billing_refund", "priority": "high", "article_id": "KB-999"}', None),  # not an article
     ('{"intent": "billing_refund", "priority": "high", "article_id": "KB-1', None),  # cut off
     ('["billing_refund", "high", "KB-101"]', None),  # not an object
     ('```json\n{"intent": "billing_refund", "priority": "high", "article_id": "KB-101"}\n```', None),  # fenced
     ("", None),
     ("[" * 5000, None),  # deep nesting must not crash the parser
 ])
-def test_parse_answer(text, parsed):
-    assert parse_answer(text) == parsed
+def test_answers_are_parsed_against_the_schema(text, parsed):
+    assert SCHEMA.parse(text) == parsed
+    assert (SCHEMA.errors(text) == []) == (parsed is not None)
+
+
+def test_schema_derived_from_the_task():
+    schema = SCHEMA.schema
+    assert schema["required"] == ["intent", "priority", "article_id"] and schema["additionalProperties"] is False
+    assert schema["properties"]["priority"]["enum"] == ["low", "medium", "high", "urgent"]
+    assert schema["properties"]["article_id"]["enum"] == ARTICLE_IDS
+    assert SCHEMA.rank("priority", "high") > SCHEMA.rank("priority", "low")
+    # without the data, a table-bound field is any string
+    assert AnswerSchema.of(TaskSpec()).schema["properties"]["article_id"] == {"type": "string"}
 
 
 def test_score_counts_each_field_and_exact_match():
@@ -38,37 +53,42 @@ def test_score_counts_each_field_and_exact_match():
                json.dumps({**GOLD, "priority": "low"}),             # priority wrong
                json.dumps(GOLD),                                    # intent wrong
                "I think it is a billing issue"]                     # invalid
-    assert score(golds, answers) == {"n": 4, "json_valid_rate": 0.75, "intent_accuracy": 0.5,
-                                     "priority_accuracy": 0.5, "article_accuracy": 0.75, "exact_match": 0.25}
+    assert SCHEMA.score(golds, answers) == {"n": 4, "json_valid_rate": 0.75, "intent_accuracy": 0.5,
+                                            "priority_accuracy": 0.5, "article_id_accuracy": 0.75,
+                                            "exact_match": 0.25}
     with pytest.raises(ValueError, match="4 gold labels but 3 answers"):
-        score(golds, answers[:3])
+        SCHEMA.score(golds, answers[:3])
 
 
 def test_slices_and_confusion():
     golds = [GOLD, GOLD, {**GOLD, "intent": "bug_report"}]
     answers = [json.dumps(GOLD), "nope", json.dumps(GOLD)]
     metas = [{"channel": "email", "plan": "pro"}, {"channel": "email", "plan": "free"}, {"channel": "chat"}]
-    slices = slice_metrics(metas, golds, answers, ["channel", "plan"])
+    slices = SCHEMA.slices(metas, golds, answers, ["channel", "plan"])
     assert slices["channel"] == {"chat": {"n": 1, "exact_match": 0.0}, "email": {"n": 2, "exact_match": 0.5}}
     assert slices["plan"]["None"] == {"n": 1, "exact_match": 0.0}
-    assert confusion(golds, answers) == {("billing_refund", "billing_refund"): 1, ("billing_refund", INVALID): 1,
-                                         ("bug_report", "billing_refund"): 1}
+    assert SCHEMA.confusion(golds, answers, "intent") == {("billing_refund", "billing_refund"): 1,
+                                                          ("billing_refund", INVALID): 1,
+                                                          ("bug_report", "billing_refund"): 1}
 
 
-def test_percentile():
-    assert percentile([], 50) is None
-    assert percentile([3.0], 95) == 3.0
-    assert percentile([1, 2, 3, 4], 50) == 2.5
-    assert percentile(list(range(1, 101)), 95) == pytest.approx(95.05)
+@pytest.mark.parametrize(("text", "dead"), [
+    ("", False), ("  ", False), ("{", False), ('{"intent": "a}b', False), ('{"a": "x"}', False),
+    ('{"a": "x"}\n', False), ("Sure", True), (" The ticket", True), ('{"a": "x"} and', True), ('{"a": 1}}', True),
+    ('{"a": "\\"}"}', False),  # an escaped quote inside a string does not end it
+])
+def test_generation_stops_only_text_that_can_no_longer_be_an_answer(text, dead):
+    assert cannot_be_answer(text) is dead
+    if dead:  # whatever follows, the answer is invalid: stopping early changes no score
+        for tail in ("", "}", ' {"intent": "billing_refund"}'):
+            assert SCHEMA.parse(text + tail) is None
 
 
 @pytest.fixture(scope="module")
 def stage_inputs(tiny, tmp_path_factory):
     """prepare's test split and a tiny adapter trained a few steps, as the stage reads them."""
     root = tmp_path_factory.mktemp("evaluate")
-    (root / "prepare").mkdir()
-    examples = chat_examples(10)
-    (root / "prepare" / "test.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    write_prepared(root / "prepare", {"test": chat_examples(10)})
     cfg = FinetuneSpec(base_model=str(tiny), max_steps=4, batch_size=4, learning_rate=5e-3, warmup_steps=1,
                        eval_every=2, eval_examples=4, seed=1)
     train(cfg, str(tiny), chat_examples(16, offset=100), chat_examples(4, offset=200), root / "finetune",
@@ -92,14 +112,23 @@ def test_stage_scores_candidate_and_base_and_caches_the_base(stage_inputs):
     # a random 2-layer model writes no valid triage JSON; the metrics say so rather than crash
     for side in ("candidate", "base"):
         assert 0 <= m[side]["json_valid_rate"] <= 1 and m[side]["perplexity"] > 1
-        assert m[side]["latency_p95_ms"] >= m[side]["latency_p50_ms"] > 0
         assert m[side]["generated_tokens_per_s"] > 0
+        assert set(m[side]["field_accuracy"]) == {"intent", "priority", "article_id"}
+    assert m["candidate"]["latency_p95_ms"] >= m["candidate"]["latency_p50_ms"] > 0
+    assert m["base"]["latency_p50_ms"] is None  # only the candidate is timed one request at a time
     assert set(m["slices"]["candidate"]["channel"]) == {"email", "chat"}
     lines = (root / "eval1" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 10 and {"ticket_id", "gold", "candidate", "base", "exact_match"} <= set(json.loads(lines[0]))
-    rows = (root / "eval1" / "confusion_intent.csv").read_text().splitlines()
+    # rows whose text could no longer become an answer were cut there (at most a couple of
+    # tokens), not generated on to max_new_tokens (12)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "finetune" / "adapter")
+    dead = [t for row in map(json.loads, lines) for t in (row["candidate"], row["base"]) if cannot_be_answer(t)]
+    assert dead and all(len(tokenizer(t, add_special_tokens=False).input_ids) <= 3 for t in dead)
+    rows = (root / "eval1" / "confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 11
-    assert "| exact_match |" in first.summary and "Intent confusion" in first.summary
+    assert "| exact_match |" in first.summary and "intent confusion" in first.summary
 
     second = run(cfg, _io(root, ft_cfg, "eval2"))
     assert second.metrics["base_cached"] is True

@@ -1,6 +1,7 @@
-"""finetune on a tiny model built here (2 layers, SmolLM2's tokenizer): loss masking,
-every PEFT method trains and round-trips through safetensors, resume after an
-interruption gives the same adapter, qlora is refused without a GPU."""
+"""finetune and the shared training loop on a tiny model built here (2 layers, SmolLM2's
+tokenizer): loss masking, every PEFT method trains and round-trips through safetensors,
+resume after an interruption gives the same adapter, the schedule is transformers', the
+step budget decides and the clock only stops loudly, qlora is refused without a GPU."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,11 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from components.finetune import (IGNORE, DoraMethod, FinetuneSpec, IA3Method, LoraMethod, PromptTuningMethod,
-                                 answer_loss, batches, collate, encode, pick_device, train)
+from components.base import StageError
+from components.finetune import DoraMethod, FinetuneSpec, IA3Method, LoraMethod, PromptTuningMethod
+from components.finetune import fit as train
+from components.lm import IGNORE, answer_loss, collate, encode, pick_device
+from components.training import batches
 from tests.components.conftest import chat_examples
 
 
@@ -25,7 +29,7 @@ def _cfg(**kw) -> FinetuneSpec:
 def test_loss_counts_only_the_answer(tiny):
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     example = chat_examples(1)[0]
-    ids, labels = encode(example, tokenizer)
+    ids, labels = encode(example["messages"], tokenizer)
     assert len(ids) == len(labels)
     first = next(i for i, label in enumerate(labels) if label != IGNORE)
     assert all(label == IGNORE for label in labels[:first])
@@ -41,13 +45,13 @@ def test_answer_only_head_gives_the_full_loss(tiny):
     model's own (all positions), on a right-padded batch of different lengths."""
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny)
-    ids, labels, mask = collate([encode(e, tokenizer) for e in chat_examples(5)], tokenizer.pad_token_id)
+    ids, labels, mask = collate([encode(e["messages"], tokenizer) for e in chat_examples(5)], tokenizer)
     assert len(set(mask.sum(1).tolist())) > 1  # really padded
+    assert (mask[:, 0] == 1).all()  # on the right
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
         fast = answer_loss(model, ids, mask, labels).item()
     assert fast == pytest.approx(full, rel=1e-5)
-    assert answer_loss(model, ids, mask, labels, logits_to_keep=False).item() == pytest.approx(full, rel=1e-6)
 
 
 def test_precision_on_this_machine():
@@ -140,3 +144,24 @@ def test_qlora_is_refused_without_a_gpu():
         pytest.skip("this machine has a GPU; the refusal is for machines without one")
     with pytest.raises(ValidationError, match="qlora .* needs a CUDA GPU; this machine has no CUDA GPU"):
         FinetuneSpec.model_validate({"method": {"kind": "qlora"}})
+
+
+def test_schedule_is_cosine_with_warmup_and_a_floor(tiny, tmp_path):
+    train(_cfg(max_steps=10, warmup_steps=2, learning_rate=1e-2, min_lr_ratio=0.1, eval_every=10), str(tiny),
+          chat_examples(40), chat_examples(4, 100), tmp_path, tmp_path / "ckpt", progress=False)
+    rates = [float(r.split(",")[2]) for r in (tmp_path / "train_log.csv").read_text().splitlines()[1:]]
+    # the rate after each step: warmup to the peak at step 2, cosine down to 10% of it at step 10
+    assert rates[1] == pytest.approx(1e-2)
+    assert rates[-1] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:]))
+
+
+def test_max_minutes_is_a_loud_safety_stop_that_resumes(tiny, tmp_path):
+    cfg = _cfg(max_steps=6, max_minutes=1e-5, checkpoint_every=100)
+    with pytest.raises(StageError, match=r"max_minutes \(1e-05\) ran out at step 1 of 6.*resume"):
+        train(cfg, str(tiny), chat_examples(40), chat_examples(8, 100), tmp_path / "a", tmp_path / "ckpt",
+              progress=False)
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 1
+    done = train(cfg.model_copy(update={"max_minutes": None}), str(tiny), chat_examples(40), chat_examples(8, 100),
+                 tmp_path / "b", tmp_path / "ckpt", progress=False)
+    assert done["resumed_from_step"] == 1 and done["steps"] == 6

@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from components import generate
 from components.base import StageError, file_sha256
-from components.prepare import (PrepareSpec, SplitFractions, build_messages, read_examples, render_articles,
-                                split_of)
+from components.reports import PrepareReport
+from components.splits import SplitFractions, read_examples, split_of
+from components.task import AnswerSchema, TaskSpec, build_messages, render_articles
 from tests.conftest import build_features_and_prepare
 
 
@@ -42,14 +43,19 @@ def test_adding_tickets_keeps_existing_splits():
 
 def test_outputs_counts_and_hashes(prepared, demo_small):
     result, out = prepared
-    manifest = json.loads((out / "splits.json").read_text())
-    assert sum(m["examples"] for m in manifest.values()) == 300
-    for split, meta in manifest.items():
-        assert meta["sha256"] == file_sha256(out / f"{split}.jsonl")
-        assert len(read_examples(out / f"{split}.jsonl")) == meta["examples"]
+    report = result.report
+    assert isinstance(report, PrepareReport)
+    assert sum(m.examples for m in report.splits.values()) == 300
+    for split, meta in report.splits.items():
+        assert meta.sha256 == file_sha256(out / f"{split}.jsonl")
+        assert len(read_examples(out / f"{split}.jsonl")) == meta.examples
         ids = {e["ticket_id"] for e in read_examples(out / f"{split}.jsonl")}
         assert all(split_of(t, SplitFractions(), "tessera-v1") == split for t in ids)
-    assert result.metrics["n_train"] == manifest["train"]["examples"]
+    assert report.retrieval_top_k == 3 and report.retrieval_recall["all"] >= 0.99
+    # the answer schema, with the article ids of the data
+    schema = AnswerSchema.read(out / AnswerSchema.FILE)
+    assert schema.fields == ["intent", "priority", "article_id"]
+    assert schema.values("article_id") == sorted(demo_small.articles.article_id)
 
 
 def test_examples_are_chats_whose_answer_is_the_gold_json(prepared, demo_small):
@@ -71,7 +77,7 @@ def test_examples_are_chats_whose_answer_is_the_gold_json(prepared, demo_small):
 
 def test_ticket_before_any_profile_says_unknown():
     msgs = build_messages({"channel": "chat", "subject": "s", "body": "b", "plan": float("nan"),
-                           "tenure_days": None, "open_tickets_30d": float("nan")}, PrepareSpec())
+                           "new_customer": None, "busy_account": float("nan")}, TaskSpec())
     assert "plan: unknown | new customer: unknown | busy account: unknown" in msgs[1]["content"]
     assert msgs[1]["content"].endswith("Candidate articles:\n- (none found)")
 
@@ -81,9 +87,13 @@ def test_articles_render_as_id_and_title():
         == "- KB-101: Refunds\n- KB-102: B"
 
 
-def test_unknown_template_placeholder_is_refused():
-    with pytest.raises(ValidationError, match=r"unknown placeholder\(s\) \{mood\}"):
-        PrepareSpec(user_template="{mood}: {body}")
+def test_template_placeholders():
+    with pytest.raises(ValidationError, match=r"placeholders must be plain names, got \{0\}"):
+        TaskSpec(user_template="{0}: {body}")
+    with pytest.raises(ValidationError, match="not a valid template"):
+        TaskSpec(user_template="{body")
+    with pytest.raises(StageError, match=r"placeholder \{mood\} is not a field of the request \(fields: body\)"):
+        build_messages({"body": "b"}, TaskSpec(user_template="{mood}: {body}"))
 
 
 def test_fractions_must_sum_to_one():

@@ -9,24 +9,25 @@ import mlflow
 import pytest
 
 from components import registry
-from components.base import StageError, StageIO, write_json
-from components.prepare import PrepareSpec
+from components.base import StageError, StageIO
 from components.promote import PromoteSpec
 from components.promote import run as promote
 from components.register import RegisterSpec
 from components.register import run as register
+from components.reports import GateReport, RegistrationReport
+from components.task import TaskSpec
 from tests.conftest import REPO, run_cli
 
 NAME = "triage-promote"
 
 
-def gate_report(tiny_run, status: str) -> dict:
+def gate_report(tiny_run, status: str) -> GateReport:
     failed = [] if status == "passed" else ["exact_match"]
-    return {"status": status, "failed": failed, "champion": "no champion", "operational": {}, "model_name": NAME,
-            "test_sha256": tiny_run["splits"]["test"]["sha256"],
-            "gates": [{"gate": "exact_match", "kind": "absolute", "metric": "exact_match", "observed": 0.5,
-                       "op": ">=", "threshold": 0.8 if failed else 0.4, "margin": -0.3 if failed else 0.1,
-                       "passed": not failed, "note": ""}]}
+    return GateReport.model_validate({
+        "status": status, "failed": failed, "champion": "no champion", "model_name": NAME,
+        "test_sha256": tiny_run["splits"]["test"]["sha256"],
+        "gates": [{"gate": "exact_match", "kind": "absolute", "metric": "exact_match", "observed": 0.5, "op": ">=",
+                   "threshold": 0.8 if failed else 0.4, "margin": -0.3 if failed else 0.1, "passed": not failed}]})
 
 
 @pytest.fixture
@@ -44,12 +45,14 @@ def new_version(tiny_run, folder, status: str) -> StageIO:
     """Register the tiny adapter with a gate report of ``status``; returns the IO promote
     reads (the gate report and the registration)."""
     root = tiny_run["root"]
-    write_json(folder / "gates" / "report.json", gate_report(tiny_run, status))
+    gate_report(tiny_run, status).write(folder / "gates")
     (folder / "register").mkdir(parents=True)
-    register(RegisterSpec(model_name=NAME),
-             StageIO(pipeline="t", out_dir=folder / "register", state_dir=root / "state",
-                     inputs={s: root / s for s in ("prepare", "finetune", "evaluate")} | {"gates": folder / "gates"},
-                     sections={"finetune": tiny_run["finetune"], "prepare": PrepareSpec()}))
+    registered = register(RegisterSpec(model_name=NAME),
+                          StageIO(pipeline="t", out_dir=folder / "register", state_dir=root / "state",
+                                  inputs={s: root / s for s in ("prepare", "finetune", "evaluate")}
+                                  | {"gates": folder / "gates"},
+                                  sections={"finetune": tiny_run["finetune"], "task": TaskSpec()}))
+    registered.report.write(folder / "register")  # what the runner does after every stage
     (folder / "promote").mkdir()
     return StageIO(pipeline="t", out_dir=folder / "promote", inputs={"gates": folder / "gates",
                                                                       "register": folder / "register"},
@@ -64,8 +67,8 @@ def test_register_tags_the_gate_outcome(tiny_run, store, tmp_path):
     assert one.tags["gates.status"] == "passed" and one.tags["gates.failed"] == ""
     assert two.tags["gates.status"] == "failed" and two.tags["gates.failed"] == "exact_match"
     assert float(two.tags["metric.perplexity"]) > 0  # champion gates compare it
-    registration = json.loads((tmp_path / "b" / "register" / "registration.json").read_text())
-    assert registration["gates_status"] == "failed" and registration["gates_failed"] == ["exact_match"]
+    registration = RegistrationReport.read(tmp_path / "b" / "register")
+    assert registration.gates_status == "failed" and len(registration.gates_sha256) == 64
     assert json.loads((tmp_path / "b" / "register" / "model" / "gates.json").read_text())["status"] == "failed"
     assert "## Gates: failed" in (tmp_path / "b" / "register" / "model" / "README.md").read_text()
 
@@ -73,7 +76,7 @@ def test_register_tags_the_gate_outcome(tiny_run, store, tmp_path):
 def test_passed_gates_promote_failed_gates_change_nothing(tiny_run, store, tmp_path):
     client = mlflow.MlflowClient()
     result = promote(PromoteSpec(), new_version(tiny_run, tmp_path / "a", "passed"))
-    assert result.metrics == {"promoted": True, "version": 1}
+    assert (result.report.outcome, result.report.version) == ("promoted", 1)
     assert registry.aliases(client, NAME) == {"champion": 1}  # no longer challenger
     log = registry.audit_log(client, NAME)
     assert [(e["action"], e["alias"], e["from"], e["to"], e["by"]) for e in log] == [
@@ -95,8 +98,8 @@ def test_passed_gates_promote_failed_gates_change_nothing(tiny_run, store, tmp_p
     # warn mode: the same refusal is recorded and the stage succeeds
     io = new_version(tiny_run, tmp_path / "c", "failed")
     result = promote(PromoteSpec(mode="warn"), io)
-    assert result.metrics == {"promoted": False, "version": 3}
-    assert json.loads((io.out_dir / "promotion.json").read_text())["outcome"] == "refused"
+    assert (result.report.outcome, result.report.version) == ("refused", 3)
+    assert result.report.failed_gates == ["exact_match"]
     assert registry.aliases(client, NAME) == {"champion": 1, "challenger": 3}
 
     # the next good version: champion moves, the old one is kept as previous
@@ -106,8 +109,8 @@ def test_passed_gates_promote_failed_gates_change_nothing(tiny_run, store, tmp_p
 
 def test_a_report_changed_after_register_is_refused(tiny_run, store, tmp_path):
     io = new_version(tiny_run, tmp_path / "a", "failed")
-    write_json(io.inputs["gates"] / "report.json", gate_report(tiny_run, "passed"))
-    with pytest.raises(StageError, match="is not the gate report triage-promote version 1 was registered with"):
+    gate_report(tiny_run, "passed").write(io.inputs["gates"])
+    with pytest.raises(StageError, match="not the gate report triage-promote version 1 was registered with"):
         promote(PromoteSpec(), io)
     assert "champion" not in registry.aliases(mlflow.MlflowClient(), NAME)
 

@@ -9,8 +9,10 @@ import pytest
 
 from components import generate
 from components.base import StageError, StageIO
-from components.models import pull
-from components.prepare import PrepareSpec, split_of
+from components.catalog import pull
+from components.prepare import PrepareSpec
+from components.splits import split_of
+from components.task import TaskSpec
 from components.validate import (ROW, Checks, ValidateSpec, _report_rows, build_suites, derive_columns, find_pii,
                                  redact_pii, run, run_suites)
 from llmops.spec import load_spec
@@ -38,7 +40,7 @@ def _validate(tmp_path, data, cfg: ValidateSpec | None = None, **check_overrides
     out = tmp_path / "validate"
     out.mkdir(exist_ok=True)
     io = StageIO(pipeline="t", out_dir=out, inputs={"ingest": ingest}, state_dir=SPEC.state_dir(REPO),
-                 models=dict(SPEC.models), sections={"prepare": PrepareSpec()})
+                 models=dict(SPEC.models), sections={"prepare": PrepareSpec(), "task": TaskSpec()})
     return run(cfg, io), out
 
 
@@ -111,7 +113,7 @@ def test_text_invalid_utf8(tmp_path, data):
     tickets.insert(0, ROW, range(len(tickets)))
     tables = {"tickets": tickets, "customers": data.customers, "articles": data.articles}
     io = StageIO(pipeline="t", out_dir=tmp_path, state_dir=SPEC.state_dir(REPO), models=dict(SPEC.models))
-    checked = derive_columns(tickets, tables, Checks(), PrepareSpec(), io)
+    checked = derive_columns(tickets, tables, Checks(), (PrepareSpec().split, PrepareSpec().split_salt), io)
     rows = [r for res in run_suites(build_suites(Checks(), tables, checked), tmp_path / "docs")
             for r in _report_rows(res)]
     failed = [r for r in rows if not r["success"]]

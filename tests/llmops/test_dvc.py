@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from llmops import dvcfile
 from llmops.spec import load_spec
-from tests.conftest import REPO, run_cli
+from llmops.stages import METRICS_FILE, STAGES as REGISTRY
+from tests.conftest import PROJECT_FILES, REPO, run_cli
 
 STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
           "promote")
+CHEAP = STAGES[:4]  # the stages up to prepare: no model is trained
 
 
 def test_committed_dvc_yaml_agrees_with_the_spec():
@@ -40,13 +43,114 @@ def test_check_reports_each_disagreement(tmp_path):
 def test_stage_params_are_only_the_keys_it_reads():
     doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
     assert doc["stages"]["prepare"]["params"] == [{"pipelines.yaml": [
-        "pipelines.support-triage.prepare", "pipelines.support-triage.features.embedding_model",
-        "pipelines.support-triage.features.top_k"]}]
+        "pipelines.support-triage.prepare", "pipelines.support-triage.task", "pipelines.support-triage.features"]}]
     assert "artifacts/support-triage/validate/tickets.parquet" in doc["stages"]["prepare"]["deps"]
     assert doc["stages"]["validate"]["params"] == [{"pipelines.yaml": [
-        "pipelines.support-triage.validate", "pipelines.support-triage.prepare.split",
+        "pipelines.support-triage.validate", "pipelines.support-triage.task", "pipelines.support-triage.prepare.split",
         "pipelines.support-triage.prepare.split_salt"]}]
+    assert doc["stages"]["finetune"]["params"] == [{"pipelines.yaml": ["pipelines.support-triage.finetune"]}]
     assert {"artifacts/support-triage/validate/validation.json": {"cache": False}} in doc["stages"]["validate"]["metrics"]
+
+
+def _write(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_code_deps_follow_imports_transitively(tmp_path):
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/stage.py": "import json\nfrom pkg import direct\n\ndef run():\n    from pkg.lazy import f\n",
+        "pkg/direct.py": "from . import sub\nfrom .helpers.deep import g\n",
+        "pkg/sub.py": "import pkg.util.tool as t\n",
+        "pkg/util/__init__.py": "",
+        "pkg/util/tool.py": "import os\n",
+        "pkg/helpers/__init__.py": "from ..other import x\n",
+        "pkg/helpers/deep.py": "from .. import base\n",
+        "pkg/base.py": "",
+        "pkg/lazy.py": "",
+        "pkg/other.py": "",
+        "pkg/unused.py": "",
+        "other_pkg/mod.py": "",
+    })
+    assert dvcfile.code_deps("pkg.stage", tmp_path) == [
+        "pkg/__init__.py", "pkg/base.py", "pkg/direct.py", "pkg/helpers/__init__.py", "pkg/helpers/deep.py",
+        "pkg/lazy.py", "pkg/other.py", "pkg/stage.py", "pkg/sub.py", "pkg/util/__init__.py", "pkg/util/tool.py"]
+
+
+def test_code_deps_of_a_stage_that_is_a_package(tmp_path):
+    _write(tmp_path, {
+        "comp/__init__.py": "",
+        "comp/shared.py": "",
+        "comp/big/__init__.py": "from .core import run\n",
+        "comp/big/core.py": "from comp import shared\n",
+        "comp/big/notes.py": "",
+    })
+    assert dvcfile.code_deps("comp.big", tmp_path) == [
+        "comp/__init__.py", "comp/big/__init__.py", "comp/big/core.py", "comp/shared.py"]
+
+
+def test_stage_code_deps_include_modules_imported_only_transitively():
+    # finetune imports components.training, which imports components.tracking; and
+    # components.lm, which imports components.catalog: neither is named in finetune.py.
+    deps = dvcfile.stage_code("finetune")
+    source = (REPO / "components" / "finetune.py").read_text()
+    assert "components.tracking" not in source.replace("from components import tracking", "")
+    assert "components/training.py" in deps and "components/lm.py" in deps and "components/catalog.py" in deps
+    # an edit to the shared task module reaches every stage that builds, parses or scores answers
+    for stage in ("validate", "prepare", "evaluate", "compress", "gates", "register"):
+        assert "components/task.py" in dvcfile.stage_code(stage), stage
+    assert "components/task.py" not in dvcfile.stage_code("ingest")
+    for stage in REGISTRY:
+        assert "components/base.py" in dvcfile.stage_code(stage)
+        assert "llmops/cli.py" not in dvcfile.stage_code(stage) and "llmops/spec.py" not in dvcfile.stage_code(stage)
+    assert {"feature_repo/definitions.py", "feature_repo/feature_store.yaml"} <= set(dvcfile.stage_code("features"))
+
+
+def test_dvc_yaml_code_deps_are_derived_sorted_and_copied_by_the_project_fixture():
+    doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
+    for stage, definition in doc["stages"].items():
+        code = [d for d in definition["deps"] if not d.startswith("artifacts/")]
+        assert code == dvcfile.stage_code(stage) == sorted(code), stage
+        for path in code:  # the integration tests' project copy must hold every dep
+            assert (REPO / path).is_file(), path
+            assert any(path == f or path.startswith(f + "/") for f in PROJECT_FILES), path
+
+
+def test_each_stage_declares_the_files_it_reads_from_every_input_stage():
+    for name, stage in REGISTRY.items():
+        assert set(stage.input_files) == {*stage.needs, *stage.optional}, name
+        for need, files in stage.input_files.items():
+            readable = {*REGISTRY[need].outputs, METRICS_FILE}
+            assert files and set(files) <= readable, (name, need, set(files) - readable)
+
+
+def test_report_only_outputs_are_not_deps_of_later_stages():
+    doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))["stages"]
+    folder = "artifacts/support-triage"
+    for later in ("features", "prepare"):
+        assert f"{folder}/validate/data_docs" not in doc[later]["deps"]
+        assert f"{folder}/validate/metrics.json" not in doc[later]["deps"]
+        assert f"{folder}/validate/quarantine.jsonl" not in doc[later]["deps"]
+    assert f"{folder}/validate/articles.parquet" in doc["features"]["deps"]
+    assert f"{folder}/features/article_embeddings.parquet" in doc["prepare"]["deps"]
+    plotted = {f"{folder}/{s}/{f}" for s, d in REGISTRY.items() for plot in d.plots for f in plot}
+    reports = {f"{folder}/{s}/{f}" for s, d in REGISTRY.items() for f in d.outputs
+               if f.endswith((".md", ".png")) or f == "data_docs"}
+    assert f"{folder}/compress/quality_vs_speed.png" in reports and f"{folder}/evaluate/report.md" in reports
+    for stage, definition in doc.items():
+        assert not set(definition["deps"]) & (plotted | reports), stage
+    # a stage's report (metrics.json) is a dep only where a later stage reads it
+    assert [d for d in doc["gates"]["deps"] if d.endswith(METRICS_FILE)] == [
+        f"{folder}/evaluate/metrics.json", f"{folder}/compress/metrics.json"]
+    assert [d for d in doc["register"]["deps"] if d.endswith(METRICS_FILE)] == [
+        f"{folder}/prepare/metrics.json", f"{folder}/finetune/metrics.json", f"{folder}/evaluate/metrics.json",
+        f"{folder}/compress/metrics.json", f"{folder}/gates/metrics.json"]
+    assert [d for d in doc["promote"]["deps"] if d.startswith(folder)] == [
+        f"{folder}/gates/metrics.json", f"{folder}/register/metrics.json"]
+    for stage in ("validate", "features", "prepare", "finetune", "evaluate", "compress"):
+        assert not [d for d in doc[stage]["deps"] if d.endswith(METRICS_FILE)], stage
 
 
 @pytest.mark.integration
@@ -62,7 +166,7 @@ def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     assert plots.returncode == 0, plots.stderr
     shown = json.loads(plots.stdout)
     assert "errors" not in shown, shown.get("errors")
-    for name in ("finetune/train_log.csv", "evaluate/confusion_intent.csv", "compress/quality_speed.csv"):
+    for name in ("finetune/train_log.csv", "evaluate/confusion.csv", "compress/quality_speed.csv"):
         plot = next(v for k, v in shown["data"].items() if k.endswith(name))
         assert plot[0]["content"]["data"]["values"], name  # rendered from the stage's rows
     shown_metrics = run_cli(["metrics", "show", "--json"], cwd=project, tool="dvc")
@@ -125,3 +229,51 @@ def test_repro_stops_at_validate_on_bad_data(project, demo_small):
         assert f"Running stage '{later}'" not in proc.stdout
     assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()
+
+
+def _changed(project) -> set[str]:
+    """The stages up to prepare that `dvc status` says would re-run."""
+    proc = run_cli(["status", "--with-deps", "--json", "prepare"], cwd=project, tool="dvc")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return set(json.loads(proc.stdout))
+
+
+@pytest.mark.integration
+def test_status_lists_the_stages_an_edited_module_reaches(project):
+    first = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _changed(project) == set()
+    code = {stage: dvcfile.stage_code(stage) for stage in CHEAP}
+    users = {path: {s for s in CHEAP if path in code[s]} for deps in code.values() for path in deps}
+    assert users["components/base.py"] == set(CHEAP)  # imported by every stage
+    some = sorted(path for path, stages in users.items() if len(stages) < len(CHEAP))
+    assert "components/generate.py" in some and "components/featurestore.py" in some
+    for path in ["components/base.py", *some, "components/finetune.py"]:  # finetune.py: no cheap stage's code
+        source = project / path
+        original = source.read_text()
+        source.write_text(original + "# edited\n")
+        assert _changed(project) == users.get(path, set()), path
+        source.write_text(original)
+    assert _changed(project) == set()
+
+
+@pytest.mark.integration
+def test_rerunning_validate_on_the_same_input_reruns_nothing_after_it(project):
+    first = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
+    assert first.returncode == 0, first.stdout + first.stderr
+    validated = project / "artifacts" / "support-triage" / "validate"
+    before = {p.relative_to(validated): p.read_bytes() for p in validated.rglob("*") if p.is_file()}
+    again = run_cli(["repro", "-f", "-s", "validate"], cwd=project, tool="dvc")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running stage 'validate'" in again.stdout
+    after = {p.relative_to(validated): p.read_bytes() for p in validated.rglob("*") if p.is_file()}
+    # the tables are byte-identical; the Data Docs (for people, not a dep) are not
+    for table in ("tickets", "customers", "customer_profiles", "articles"):
+        assert after[Path(f"{table}.parquet")] == before[Path(f"{table}.parquet")], table
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert any(k.parts[0] == "data_docs" for k in changed), changed
+    rest = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert "Running stage" not in rest.stdout
+    for stage in CHEAP:
+        assert f"Stage '{stage}' didn't change, skipping" in rest.stdout

@@ -1,5 +1,6 @@
-"""Model catalog: the provisioned SmolLM2 (converted from GGUF), reference resolution,
-and safe loading (safetensors only, no remote code) on tiny models built here."""
+"""The model catalog (the provisioned SmolLM2, converted from GGUF; reference resolution)
+and the one loader (components/lm.py: safetensors or ONNX only, recorded hashes checked, no
+remote code) on the tiny model the tests build."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from components.models import MANIFEST, ModelError, load_causal_lm, pull, resolve
+from components.base import file_sha256
+from components.catalog import MANIFEST, ModelError, pull, resolve
+from components.lm import decoder_layers, load
 from llmops.spec import load_spec
 from tests.conftest import REPO
 
@@ -23,19 +25,13 @@ def smollm2_dir():
     return where
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A 2-layer model with SmolLM2's tokenizer, saved as safetensors."""
-    folder = tmp_path_factory.mktemp("tiny")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=2, pad_token_id=2, bos_token_id=1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (src := Path(smollm2_dir) / name).exists():
-            shutil.copy(src, folder / name)
-    return folder
+def load_causal_lm(path):
+    return load(path, device=torch.device("cpu"))
+
+
+@pytest.fixture
+def tiny_dir(tiny):
+    return tiny
 
 
 def test_provisioned_smollm2_has_the_fixed_tokenizer(smollm2_dir):
@@ -97,3 +93,29 @@ def test_resolve_references(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         resolve("./no/such/folder", spec.models, tmp_path)
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct", spec.models, tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_recorded_hashes_are_checked_before_loading(tmp_path, tiny_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    recorded = {f.name: file_sha256(f) for f in folder.iterdir() if f.is_file()}
+    load(folder, expected_sha256=recorded, device=torch.device("cpu"))  # intact: loads
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"model.safetensors: SHA-256 .* does not match the recorded"):
+        load(folder, expected_sha256=recorded)
+    weights.unlink()
+    with pytest.raises(ModelError, match=r"model.safetensors: missing"):
+        load(folder, expected_sha256=recorded)
+
+
+def test_blocks_are_found_whatever_the_architecture_calls_them(tiny_dir):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    _, llama = load_causal_lm(str(tiny_dir))
+    assert decoder_layers(llama)[0] == "model.layers" and len(decoder_layers(llama)[1]) == 2
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3,
+                                            num_attention_heads=2, intermediate_size=32))
+    assert decoder_layers(neox)[0] == "gpt_neox.layers" and len(decoder_layers(neox)[1]) == 3

@@ -1,13 +1,6 @@
-"""Behavioural tests (CheckList style) and safety probes of a triage model, built from the
-test split's chats and scored on the model's answers.
-
-- invariance: a ticket with a changed greeting, a changed name or changed casing must
-  keep the intent the model gave the original ticket;
-- directional: the same ticket from an ``enterprise`` customer must never get a lower
-  priority than from a ``free`` one (priority never decreases with a higher plan);
-- minimum functionality: fixed cases with their expected labels;
-- safety: tickets carrying prompt-injection text must still get valid triage JSON, and the
-  answer must never echo the system prompt.
+"""Probes for the behavioural (CheckList style) and safety gates, built from the test
+split's chats: the text changes (greeting, name, casing), the feature swaps, the injected
+text, and the echo check. What each gate expects of the answers is in kinds.py.
 
 A perturbed chat is the original chat with its user message parsed back into the prompt
 template's fields, one field changed, and rendered again with the same template, so the
@@ -18,10 +11,6 @@ from __future__ import annotations
 import re
 import string
 
-from components.evaluate import parse_answer
-
-PLANS = ("free", "starter", "pro", "enterprise")
-PRIORITY_RANK = {"low": 0, "medium": 1, "high": 2, "urgent": 3}
 PERTURBATIONS = ("greeting", "name", "casing")
 # Greetings the tickets open with, by style; a perturbation swaps one for the next of its style.
 GREETINGS = (("Hi team,", "Hello,", "Dear support,", "Hi there,"), ("hey", "hi", "hello"))
@@ -88,70 +77,56 @@ def change_casing(text: str) -> str:
     return text.lower() if text != text.lower() else text.upper()
 
 
-def perturb(example: dict, template: str, kind: str) -> dict | None:
-    """``example`` with one perturbation applied to its subject and/or body."""
+def perturb(example: dict, template: str, kind: str, text_fields: list[str]) -> dict | None:
+    """``example`` with one perturbation applied to its text fields (greeting and name: the
+    last of them, e.g. the body; casing: all of them)."""
     fields = parse_user_message(next(m["content"] for m in example["messages"] if m["role"] == "user"), template)
-    if fields is None or "body" not in fields:
+    present = [f for f in text_fields if fields is not None and f in fields]
+    if not present:
         return None
     if kind == "greeting":
-        return with_fields(example, template, body=change_greeting(fields["body"]))
+        return with_fields(example, template, **{present[-1]: change_greeting(fields[present[-1]])})
     if kind == "name":
-        return with_fields(example, template, body=change_name(fields["body"]))
+        return with_fields(example, template, **{present[-1]: change_name(fields[present[-1]])})
     if kind == "casing":
-        changes = {"body": change_casing(fields["body"])}
-        if "subject" in fields:
-            changes["subject"] = change_casing(fields["subject"])
-        return with_fields(example, template, **changes)
+        return with_fields(example, template, **{f: change_casing(fields[f]) for f in present})
     raise ValueError(f"unknown perturbation {kind!r}; known: {', '.join(PERTURBATIONS)}")
 
 
-def invariance_cases(examples: list[dict], template: str, kinds: list[str]) -> list[tuple[dict, dict, str]]:
+def invariance_cases(examples: list[dict], template: str, kinds: list[str],
+                     text_fields: list[str]) -> list[tuple[dict, dict, str]]:
     """(original, perturbed, perturbation) for each example and perturbation that applies."""
     out = []
     for example in examples:
         for kind in kinds:
-            changed = perturb(example, template, kind)
+            changed = perturb(example, template, kind, text_fields)
             if changed is not None and changed["messages"] != example["messages"]:
                 out.append((example, changed, kind))
     return out
 
 
-def directional_cases(examples: list[dict], template: str, low: str = "free",
-                      high: str = "enterprise") -> list[tuple[dict, dict]]:
-    """(the ticket from a ``low``-plan customer, the same ticket from a ``high``-plan one)."""
+def directional_cases(examples: list[dict], template: str, feature: str, low: str,
+                      high: str) -> list[tuple[dict, dict]]:
+    """(the request with ``feature`` = ``low``, the same request with ``feature`` = ``high``)."""
     out = []
     for example in examples:
-        lower = with_fields(example, template, plan=low)
-        higher = with_fields(example, template, plan=high)
+        lower = with_fields(example, template, **{feature: low})
+        higher = with_fields(example, template, **{feature: high})
         if lower is not None and higher is not None:
             out.append((lower, higher))
     return out
 
 
-def injected(examples: list[dict], template: str, injections: list[str]) -> list[tuple[dict, str]]:
-    """(the ticket with ``injection`` appended to its body, injection) for each pair."""
+def injected(examples: list[dict], template: str, injections: list[str], field: str) -> list[tuple[dict, str]]:
+    """(the request with ``injection`` appended to its ``field``, injection) for each pair."""
     out = []
     for example in examples:
         fields = parse_user_message(next(m["content"] for m in example["messages"] if m["role"] == "user"), template)
-        if fields is None or "body" not in fields:
+        if fields is None or field not in fields:
             continue
         for text in injections:
-            out.append((with_fields(example, template, body=f"{fields['body']}\n\n{text}"), text))
+            out.append((with_fields(example, template, **{field: f"{fields[field]}\n\n{text}"}), text))
     return out
-
-
-# ---------------------------------------------------------------- scoring (answers -> pass/fail)
-
-def same_intent(a: str, b: str) -> bool:
-    pa, pb = parse_answer(a), parse_answer(b)
-    return pa is not None and pb is not None and pa["intent"] == pb["intent"]
-
-
-def not_lower_priority(low_answer: str, high_answer: str) -> bool:
-    lo, hi = parse_answer(low_answer), parse_answer(high_answer)
-    if lo is None or hi is None or lo["priority"] not in PRIORITY_RANK or hi["priority"] not in PRIORITY_RANK:
-        return False
-    return PRIORITY_RANK[hi["priority"]] >= PRIORITY_RANK[lo["priority"]]
 
 
 def _words(text: str) -> list[str]:
@@ -164,13 +139,3 @@ def echoes(answer: str, system_prompt: str, n: int = ECHO_WORDS) -> bool:
     grams = {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
     said = " " + " ".join(_words(answer)) + " "
     return any(f" {g} " in said for g in grams)
-
-
-def safe_answer(answer: str, system_prompt: str) -> bool:
-    return parse_answer(answer) is not None and not echoes(answer, system_prompt)
-
-
-def meets(answer: str, expected: dict[str, str]) -> bool:
-    """Valid triage JSON with every expected label."""
-    parsed = parse_answer(answer)
-    return parsed is not None and all(parsed[k] == v for k, v in expected.items())

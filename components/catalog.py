@@ -1,4 +1,4 @@
-"""Model catalog: provisioning offline models and loading them safely.
+"""The model catalog: provisioning offline models and resolving model references.
 
 A model reference in pipelines.yaml is one of:
 - a name in the spec's ``models`` catalog (the defaults ship inside PyPI packages);
@@ -6,7 +6,7 @@ A model reference in pipelines.yaml is one of:
 - a hub id such as ``org/name``, for users whose machines reach a model hub
   (``HF_HUB_OFFLINE=0``); the defaults never need one.
 
-Weights load only from safetensors; ``trust_remote_code`` is never set.
+Loading weights (safetensors/ONNX only, hashes checked) is components/lm.py's job.
 """
 from __future__ import annotations
 
@@ -23,11 +23,10 @@ from typing import Annotated, Callable, Literal, Union
 
 from pydantic import Field
 
-from components.base import StrictModel, file_sha256, write_json
+from components.base import StageError, StrictModel, file_sha256, write_json
 
 # The chat end token of SmolLM2; the GGUF metadata names <|im_start|> as eos instead.
 IM_END = "<|im_end|>"
-UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 MANIFEST = "llmops-model.json"
 
 
@@ -94,6 +93,19 @@ def resolve(ref: str, catalog: dict[str, ModelSource], state_dir: Path) -> str:
     return ref  # a hub id; from_pretrained honours HF_HUB_OFFLINE
 
 
+def base_model_path(io, cfg=None) -> str:
+    """The local path of the fine-tuned model's base, ``finetune.base_model`` through the
+    catalog, for every stage that loads it (``cfg``: that section; else the stage must
+    declare that it reads it, and ``io.sections`` has it)."""
+    cfg = cfg if cfg is not None else io.sections.get("finetune")
+    if cfg is None:
+        raise StageError("this stage needs finetune.base_model (the finetune section) and was not given it")
+    try:
+        return resolve(cfg.base_model, io.models, io.state_dir)
+    except ModelError as exc:
+        raise StageError(f"finetune.base_model: {exc}") from exc
+
+
 def _local(ref: str, path: str) -> str:
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -110,17 +122,6 @@ def _package_model_path(name: str, source: PypiPackageSource) -> Path:
         raise ModelError(f"model {name!r}: package module {source.module!r} is not installed "
                          "(it is part of the project's lock; run `make setup`)") from exc
     return Path(getattr(module, source.path_function)())
-
-
-def check_safe_weights(folder: Path) -> None:
-    """Raise ModelError unless ``folder`` holds safetensors weights (pickle is refused)."""
-    if not folder.is_dir():
-        return  # hub ids are checked by from_pretrained(use_safetensors=True)
-    if any(folder.glob("*.safetensors")):
-        return
-    unsafe = [p.name for pattern in UNSAFE_WEIGHTS for p in folder.glob(pattern)]
-    why = f"only pickle-based weights ({', '.join(unsafe)})" if unsafe else "no .safetensors weights"
-    raise ModelError(f"{folder}: {why}; convert them to safetensors first (pickle weights can run code)")
 
 
 def weights_sha256(ref: str, state_dir: Path) -> str:
@@ -142,18 +143,6 @@ def weights_sha256(ref: str, state_dir: Path) -> str:
         digest.update(f"{path.name}:{memo[key]}\n".encode())
     write_json(memo_path, memo)
     return digest.hexdigest()
-
-
-def load_causal_lm(path: str, dtype: str = "float32"):
-    """Load tokenizer and causal LM from a folder or hub id, safetensors only, no remote code."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_safe_weights(Path(path))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 use_safetensors=True, trust_remote_code=False)
-    return tokenizer, model
 
 
 def pull(name: str, source: ModelSource, state_dir: Path,

@@ -1,0 +1,87 @@
+"""Measuring a model on chats, the same way wherever a model is judged: evaluate (the
+candidate and the base model), compress (every variant), gates (a champion evaluated
+again) and, later, the endpoint's smoke checks.
+
+One call answers every chat greedily in batches (rows stop once their text cannot become a
+valid answer: the score is the same, sooner), scores the answers against the task's
+schema, times ``latency_requests`` chats one at a time (generating to the end token or
+``max_new_tokens``, as a client waits for it), and runs one teacher-forced pass
+for the gold answers' perplexity (and, when asked, the top-k next-token ids at each answer
+position, to compare two models).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from components.lm import generate, prompt_ids, teacher_forced
+from components.reports import ModelMetrics
+from components.task import AnswerSchema, cannot_be_answer
+
+
+@dataclass
+class Measured:
+    metrics: ModelMetrics
+    answers: list[str]
+    slices: dict = field(default_factory=dict)
+    tops: list = field(default_factory=list)  # per chat: top-k ids at each answer position
+    latencies_s: list[float] = field(default_factory=list)  # one request at a time
+    tokens_batch1: int = 0
+
+
+def percentile_ms(seconds: list[float], q: float) -> float | None:
+    return None if not seconds else round(1000 * float(np.percentile(seconds, q)), 1)
+
+
+def measure(model, tokenizer, examples: list[dict], schema: AnswerSchema, batch_size: int, max_new_tokens: int,
+            latency_requests: int = 0, slice_by: list[str] | None = None, top_k: int = 0, label: str = "",
+            progress: bool = True) -> Measured:
+    """Answer, score and time ``model`` on ``examples`` (chats ending with the gold answer)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prompts = [prompt_ids(e["messages"][:-1], tokenizer) for e in examples]
+    golds = [e["labels"] for e in examples]
+    latencies, tokens_1 = [], 0
+    for p in (prompts * latency_requests)[:latency_requests]:
+        out = generate(model, tokenizer, [p], 1, max_new_tokens)
+        latencies.append(out.seconds)
+        tokens_1 += out.tokens
+    with Progress(TextColumn(f"{label} batch {batch_size}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), disable=not progress) as bar:
+        task = bar.add_task(label, total=len(examples))
+        out = generate(model, tokenizer, prompts, batch_size, max_new_tokens, stop_when=cannot_be_answer,
+                       on_batch=lambda k: bar.advance(task, k))
+    perplexity, tops = teacher_forced(model, tokenizer, [e["messages"] for e in examples], batch_size, top_k)
+    metrics = ModelMetrics.from_scores(
+        schema.score(golds, out.texts), perplexity=perplexity,
+        latency_p50_ms=percentile_ms(latencies, 50), latency_p95_ms=percentile_ms(latencies, 95),
+        generated_tokens_per_s=round(out.tokens / max(out.seconds, 1e-9), 1), batch_size=batch_size,
+        generation_seconds=round(out.seconds, 2))
+    slices = schema.slices([e.get("meta", {}) for e in examples], golds, out.texts, slice_by or [])
+    return Measured(metrics, out.texts, slices, tops, latencies, tokens_1)
+
+
+def forward_p50_ms(model, prompts: list[list[int]], repeats: int) -> float:
+    """Median time of one forward pass over a prompt (no generation), in ms."""
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for p in (prompts * repeats)[:repeats]:
+            ids = torch.tensor([p])
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            times.append(time.perf_counter() - t0)
+    return percentile_ms(times, 50)
+
+
+def jaccard(a: list, b: list, k: int) -> float:
+    """Mean over chats of the mean over answer positions of |top-k(a) & top-k(b)| / |top-k(a) | top-k(b)|."""
+    per_chat = []
+    for x, y in zip(a, b):
+        scores = [len(set(p[:k]) & set(q[:k])) / len(set(p[:k]) | set(q[:k])) for p, q in zip(x, y)]
+        if scores:
+            per_chat.append(sum(scores) / len(scores))
+    return round(sum(per_chat) / len(per_chat), 4) if per_chat else 0.0

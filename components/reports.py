@@ -1,0 +1,219 @@
+"""What each stage reports to the stages and commands after it: typed, with units in the
+field names (``size_mib`` is 2^20 bytes everywhere, ``tokens_per_s_batched`` is at the
+``batch_size`` the report states). A stage's report is its ``metrics.json`` (DVC metrics;
+its numbers are MLflow metrics too); a later stage reads it back with ``XReport.read(folder)``,
+so a renamed or missing field is an error at the reader, not a silent None.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from components.base import Report
+
+
+class IngestReport(Report):
+    source: str
+    rows: dict[str, int]  # table -> rows
+    tickets_sha256: str
+
+
+class ValidationReport(Report):
+    success: bool
+    rows_in: int
+    rows_out: int
+    quarantined: int
+    pii_redacted: int
+    failed_errors: int
+    failed_warnings: int
+    expectations: int
+
+
+class FeaturesReport(Report):
+    n_profiles: int
+    n_customers: int
+    n_articles: int
+    articles_embedded: int
+    articles_reused: int
+
+
+class SplitInfo(Report):
+    examples: int
+    sha256: str
+
+
+class PrepareReport(Report):
+    splits: dict[str, SplitInfo]
+    n_without_features: int  # requests whose entity had no features as of their time
+    retrieval_top_k: int | None = None  # None: the prompt shows no retrieved articles
+    retrieval_recall: dict[str, float] = {}  # split (and "all") -> share of gold articles among the top k
+
+
+class TrainingReport(Report):
+    steps: int
+    max_steps: int
+    stopped_by: Literal["max_steps", "early_stopping"]
+    resumed_from_step: int | None
+    train_loss_last: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    minutes: float
+    trainable_params: int
+    total_params: int
+    trainable_share: float
+    examples: int
+    skipped_too_long: int
+    device: str
+    dtype: str
+    peak_memory_mib: float | None = None  # GPU only
+
+
+class ModelMetrics(Report):
+    """One model's task metrics on a set of chats."""
+
+    n: int
+    json_valid_rate: float
+    exact_match: float
+    field_accuracy: dict[str, float]  # answer field -> share right
+    perplexity: float | None = None  # of the gold answers
+    latency_p50_ms: float | None = None  # one request at a time
+    latency_p95_ms: float | None = None
+    generated_tokens_per_s: float | None = None  # batched generation
+    batch_size: int | None = None  # of that batched generation
+    generation_seconds: float | None = None
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, Any], **more: Any) -> "ModelMetrics":
+        """From :meth:`components.task.AnswerSchema.score` output (``<field>_accuracy`` keys)."""
+        accuracy = {k.removesuffix("_accuracy"): v for k, v in scores.items() if k.endswith("_accuracy")}
+        return cls(n=scores["n"], json_valid_rate=scores["json_valid_rate"], exact_match=scores["exact_match"],
+                   field_accuracy=accuracy, **more)
+
+    def flat(self) -> dict[str, float]:
+        """Every metric by the name gates and tags use (``intent_accuracy``, ``exact_match``...)."""
+        out = {k: v for k, v in self.model_dump().items() if isinstance(v, (int, float)) and v is not None}
+        out.update({f"{k}_accuracy": v for k, v in self.field_accuracy.items()})
+        return out
+
+
+class EvaluationReport(Report):
+    candidate: ModelMetrics
+    base: ModelMetrics
+    base_cached: bool
+    exact_match_gain: float
+    slices: dict[str, dict[str, dict[str, dict[str, float]]]]  # model -> field -> value -> {n, exact_match}
+    base_model_sha256: str
+    test_sha256: str
+
+
+class VariantReport(Report):
+    """One compressed variant, measured like every other on the same validation chats."""
+
+    parent: str | None
+    format: Literal["safetensors", "onnx"]
+    build_s: float
+    details: dict[str, Any] = {}
+    size_mib: float
+    load_s: float
+    forward_p50_ms: float
+    tokens_per_s_batch1: float  # generated tokens/s, one request at a time
+    tokens_per_s_batched: float  # generated tokens/s at the report's batch_size
+    request_latency_p50_ms: float  # batch 1
+    request_latency_p95_ms: float
+    quality: ModelMetrics
+    jaccard_at: dict[int, float] = {}  # k -> top-k next-token agreement with the reference
+    jaccard_at_1_vs_parent: float | None = None
+    vs_reference: dict[str, float] = {}
+    vs_parent: dict[str, float] = {}
+    budget_broken: list[str] = []
+
+    @property
+    def within_budget(self) -> bool:
+        return not self.budget_broken
+
+
+class CompressReport(Report):
+    chosen: str
+    reason: str
+    reference: str
+    objective: str
+    budget: dict[str, float | None]
+    validation_examples: int
+    batch_size: int  # of tokens_per_s_batched
+    cpu: str  # the CPU's instruction sets that matter to the quantized kernels
+    variants: dict[str, VariantReport]
+
+    @property
+    def served(self) -> VariantReport:
+        return self.variants[self.chosen]
+
+
+class GateRow(Report):
+    gate: str
+    kind: str
+    metric: str
+    observed: float | None
+    op: str
+    threshold: float | None
+    margin: float | None
+    passed: bool
+    note: str = ""
+    failures: list[str] = []
+
+
+class Operational(Report):
+    """The served variant's numbers the budget gates check."""
+
+    source: str
+    latency_p50_ms: float
+    latency_p95_ms: float
+    tokens_per_s: float
+    size_mib: float
+    hourly_price_usd: float
+    cost_per_1k_requests_usd: float
+
+
+class GateReport(Report):
+    status: Literal["passed", "failed"]
+    failed: list[str]
+    gates: list[GateRow]
+    champion: str  # what the vs_champion gates compared with
+    operational: Operational | None = None
+    test_sha256: str
+    model_name: str
+
+    def rows(self) -> list[dict[str, str]]:
+        """The gates as table rows (strings), for Markdown and the terminal."""
+        def num(v):
+            return "" if v is None else f"{v:g}"
+        return [{"gate": r.gate, "kind": r.kind, "metric": r.metric, "observed": num(r.observed),
+                 "threshold": f"{r.op} {num(r.threshold)}".strip(), "margin": num(r.margin),
+                 "result": "pass" if r.passed else "FAIL", "note": r.note} for r in self.gates]
+
+    def failing(self) -> list[str]:
+        """'name (metric observed op threshold, margin m)' for each failed gate."""
+        return [f"{r.gate} ({r.metric} {r.observed:g} {r.op} {r.threshold:g}, margin {r.margin:g})"
+                for r in self.gates if not r.passed]
+
+
+class RegistrationReport(Report):
+    model_name: str
+    version: int
+    alias: str
+    run_id: str
+    tracking_uri: str
+    model_uri: str
+    gates_status: str | None = None
+    gates_sha256: str | None = None  # digest of the gate report the version holds
+    serving_variant: str | None = None
+
+
+class PromotionReport(Report):
+    model_name: str
+    version: int
+    outcome: Literal["promoted", "already champion", "refused"]
+    mode: str
+    champion_before: int | None
+    failed_gates: list[str]
+    moves: list[dict[str, Any]] = Field(default_factory=list)

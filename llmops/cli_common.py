@@ -1,0 +1,56 @@
+"""What every `llmops` command shares: the Typer apps, the consoles, the common options, and
+how a command loads the spec and fails (one line on stderr, an exit code)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from llmops.spec import DEFAULT_SPEC, SpecError, Spec, load_spec  # noqa: F401 - DEFAULT_SPEC for the commands
+
+app = typer.Typer(help="Declarative LLMOps: one spec (pipelines.yaml) from raw data to a monitored endpoint.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Check, show and describe pipelines.yaml.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered model versions (list, audit) and the spec's `models` catalog "
+                              "(pull, catalog).", no_args_is_help=True)
+data_app = typer.Typer(help="Demo data: generate support tickets, customers and articles.", no_args_is_help=True)
+dvc_app = typer.Typer(help="Keep dvc.yaml in step with pipelines.yaml.", no_args_is_help=True)
+features_app = typer.Typer(help="Feast: register definitions, embed articles, load the online store.",
+                           no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(dvc_app, name="dvc")
+app.add_typer(features_app, name="features")
+task_app = typer.Typer(help="The task in pipelines.yaml: the answer's JSON Schema.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+SpecFile = Annotated[Path, typer.Option("--file", "-f", envvar="LLMOPS_SPEC",
+                                        help="The spec file.", show_default=True)]
+PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", "-p",
+                                                    help="Pipeline to use (default: the spec's default_pipeline).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a spec key, e.g. --set prepare.split.train=0.7 (relative to the pipeline) "
+                  "or --set services.storage.state_dir=/tmp/state. Repeatable.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(file: Path, overrides: list[str] | None, pipeline: str | None) -> Spec:
+    try:
+        return load_spec(file, overrides or [], pipeline)
+    except SpecError as exc:
+        _fail(str(exc))
+
+
+def _root(file: Path) -> Path:
+    return file.resolve().parent
