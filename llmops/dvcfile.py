@@ -1,13 +1,16 @@
 """dvc.yaml from the spec and the stage registry, and the check that they agree.
 
 Each pipeline stage becomes a DVC stage that runs ``llmops stage NAME``, tracks the
-spec keys that stage reads (its section of pipelines.yaml) as params, its code and the
-output files of the stages it needs as deps, its own files as outs, its
-``metrics.json`` as a (git-tracked, uncached) metrics file, and its plot files (training
-loss curve, confusion matrix) as uncached plots with their axes.
+spec keys that stage reads (its section of pipelines.yaml) as params; as deps, its code
+(every project source file its component module imports, directly or transitively,
+found by parsing the source: :func:`code_deps`), the other files it declares and the
+output files of the stages it needs; its own
+files as outs, its ``metrics.json`` as a (git-tracked, uncached) metrics file, and its
+plot files (training loss curve, confusion matrix) as uncached plots with their axes.
 """
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import yaml
@@ -17,7 +20,71 @@ from llmops.stages import METRICS_FILE, STAGES
 
 HEADER = ("# Generated from pipelines.yaml by `llmops dvc generate`; `llmops dvc check` and the\n"
           "# tests fail when the two disagree. Run the stages with `dvc repro` (venv activated).\n")
-SHARED_CODE = ("components/base.py",)
+ROOT = Path(__file__).resolve().parents[1]  # the folder the project's packages (components, llmops) sit in
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """The source file of module ``name`` (``a.b`` -> ``a/b.py`` or ``a/b/__init__.py``)
+    under ``root``; None when it is not there (the standard library, a dependency, or a
+    namespace package, which has no file)."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.parent / f"{base.name}.py", base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _with_parents(name: str) -> list[str]:
+    """Importing ``a.b.c`` runs ``a``, ``a.b`` and ``a.b.c``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def imported_names(path: Path, module: str) -> set[str]:
+    """Every module name the source of ``module`` (at ``path``) may import: anywhere in the
+    file (inside functions too), relative imports resolved, and for ``from x import y`` both
+    ``x`` and ``x.y`` (y may be a submodule; names that are not modules resolve to no file)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                names.update(_with_parents(alias.name))
+        elif isinstance(node, ast.ImportFrom):
+            prefix = []
+            if node.level:  # relative: from the module's package, one level up per extra dot
+                parts = package.split(".") if package else []
+                if node.level - 1 > len(parts):
+                    continue  # beyond the top-level package: Python refuses it too
+                prefix = parts[:len(parts) - node.level + 1]
+            base = ".".join(prefix + ([node.module] if node.module else []))
+            if base:
+                names.update(_with_parents(base))
+            names.update(f"{base}.{a.name}" if base else a.name for a in node.names if a.name != "*")
+    return names
+
+
+def code_deps(module: str, root: Path = ROOT) -> list[str]:
+    """The project source files (paths relative to ``root``, sorted) that importing
+    ``module`` runs: the module itself, its packages' ``__init__.py`` files, and everything
+    they import from under ``root``, transitively."""
+    found: set[Path] = set()
+    todo = _with_parents(module)
+    while todo:
+        name = todo.pop()
+        path = module_file(name, root)
+        if path is None or path in found:
+            continue
+        found.add(path)
+        todo.extend(imported_names(path, name))
+    return sorted(p.relative_to(root).as_posix() for p in found)
+
+
+def stage_code(stage: str, root: Path = ROOT) -> list[str]:
+    """A stage's code deps: what its component module imports (:func:`code_deps`) and the
+    other files it declares in the registry."""
+    definition = STAGES[stage]
+    return sorted({*code_deps(definition.run.__module__, root), *definition.extra_deps})
 
 
 def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = None) -> dict:
@@ -30,7 +97,7 @@ def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = 
         folder = artifacts / stage
         plotted = {f for plot in definition.plots for f in plot}
         cmd = f"llmops stage {stage}" + ("" if name == spec.default_pipeline else f" -p {name}")
-        deps = [*definition.code, *SHARED_CODE]
+        deps = stage_code(stage)
         deps += [str(artifacts / need / f) for need in definition.inputs(pipe.stages)
                  for f in (*STAGES[need].outputs, METRICS_FILE) if f not in STAGES[need].metrics]
         stages[stage] = {

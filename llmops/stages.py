@@ -12,15 +12,17 @@ from components import (compress, evaluate, features, finetune, gates, ingest, p
                         validate)
 from components.base import StageIO, StageResult
 
+METRICS_FILE = "metrics.json"  # every stage writes its metrics here (llmops.runner)
+
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[..., StageResult]  # run(cfg, io) -> StageResult
+    run: Callable[..., StageResult]  # run(cfg, io) -> StageResult; its module's imports are its code (DVC deps)
     needs: tuple[str, ...]  # stages whose output folders this one reads
     outputs: tuple[str, ...]  # files it writes in its folder (DVC outs)
-    code: tuple[str, ...]  # source files it depends on (DVC deps)
     doc: str
+    extra_deps: tuple[str, ...] = ()  # files it depends on that its imports do not show (DVC deps)
     reads: tuple[str, ...] = ()  # other spec keys it reads, e.g. "prepare.split" (DVC params; the
     #                              section they sit in is passed in io.sections)
     metrics: tuple[str, ...] = ()  # report files in its folder that DVC shows as metrics
@@ -32,51 +34,48 @@ class Stage:
         return self.needs + tuple(s for s in self.optional if s in stages)
 
 
+# `feast apply` (features) loads the repository's definitions and config into the registry
+# that prepare's point-in-time joins and retrieval read: both depend on them.
+FEAST_REPO = ("feature_repo/definitions.py", "feature_repo/feature_store.yaml")
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", ingest.run, (), ingest.OUTPUTS,
-          ("components/ingest.py", "components/generate.py"),
           "bring raw tickets, customers, profiles and articles into the run folder"),
-    Stage("validate", validate.run, ("ingest",), validate.OUTPUTS, ("components/validate.py",),
-          "Great Expectations checks; stop or quarantine before training", reads=("prepare.split", "prepare.split_salt"),
-          metrics=("validation.json",)),
+    Stage("validate", validate.run, ("ingest",), validate.OUTPUTS,
+          "Great Expectations checks; stop or quarantine before training",
+          reads=("prepare.split", "prepare.split_salt"), metrics=("validation.json",)),
     Stage("features", features.run, ("validate",), features.OUTPUTS,
-          ("components/features.py", "feature_repo/definitions.py", "feature_repo/feature_store.yaml"),
-          "article embeddings; feast apply; materialize profiles and articles into the online store"),
+          "article embeddings; feast apply; materialize profiles and articles into the online store",
+          extra_deps=FEAST_REPO),
     Stage("prepare", prepare.run, ("validate", "features"), prepare.OUTPUTS,
-          ("components/prepare.py",),
           "Feast point-in-time profiles + retrieved articles -> chat examples, hashed splits",
-          reads=("features.embedding_model", "features.top_k")),
-    Stage("finetune", finetune.run, ("prepare",), finetune.OUTPUTS, ("components/finetune.py",),
+          extra_deps=FEAST_REPO, reads=("features.embedding_model", "features.top_k")),
+    Stage("finetune", finetune.run, ("prepare",), finetune.OUTPUTS,
           "PEFT fine-tuning on the train split, answer-only loss, early stopping, resumable",
           plots=({"train_log.csv": {"x": "step", "y": "loss", "title": "training loss"}},)),
-    Stage("evaluate", evaluate.run, ("prepare", "finetune"), evaluate.OUTPUTS, ("components/evaluate.py",),
+    Stage("evaluate", evaluate.run, ("prepare", "finetune"), evaluate.OUTPUTS,
           "greedy answers of the fine-tuned and the base model on the test split; metrics, slices, confusion",
           reads=("finetune.base_model",), plots=({"confusion_intent.csv": {"template": "confusion", "x": "actual",
                                                                           "y": "predicted",
                                                                           "title": "intent confusion"}},)),
     Stage("compress", compress.run, ("prepare", "finetune"), compress.OUTPUTS,
-          ("components/compress.py", "components/evaluate.py"),
           "merged, ONNX, int8/int4, pruned and distilled variants measured on validation; one chosen under "
-          "the quality budget", reads=("finetune.base_model",),
+          "the quality budget",
+          reads=("finetune.base_model",),
           plots=({"quality_speed.csv": {"template": "scatter", "x": "tokens_per_s_batch1", "y": "exact_match",
                                         "title": "compression: quality vs speed"}},)),
     Stage("gates", gates.run, ("prepare", "finetune", "evaluate"), gates.OUTPUTS,
-          ("components/gates.py", "components/probes.py"),
           "every declared gate: absolute, vs base, vs champion, operational budgets, behaviour, safety",
           reads=("finetune.base_model", "evaluate", "prepare.system_prompt", "prepare.user_template",
                  "register.model_name"),
           optional=("compress",)),
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
-          ("components/register.py", "components/registry.py"),
           "new MLflow model version (adapter + base model hash + model card + gate report + chosen compressed "
           "variant), alias challenger",
           reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
                  "features.top_k", "features.embedding_model"), optional=("compress", "gates")),
-    Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS, ("components/promote.py",
-                                                                           "components/registry.py"),
+    Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS,
           "champion <- the new version when every gate passed (previous <- the old champion); else stop"),
 )}
-
-METRICS_FILE = "metrics.json"
 
 __all__ = ["STAGES", "Stage", "StageIO", "StageResult", "METRICS_FILE"]

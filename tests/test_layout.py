@@ -33,9 +33,10 @@ def test_top_level_layout():
 
 def test_every_stage_has_its_module_and_tests():
     for name, stage in STAGES.items():
-        assert (REPO / "components" / f"{name}.py").exists(), name
+        assert stage.run.__module__ == f"components.{name}", name
+        assert ((REPO / "components" / f"{name}.py").exists()
+                or (REPO / "components" / name / "__init__.py").exists()), name
         assert (REPO / "tests" / "components" / f"test_{name}.py").exists(), name
-        assert stage.code[0] == f"components/{name}.py"
 
 
 def test_feature_repo_holds_only_feast_definitions():

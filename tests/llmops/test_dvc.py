@@ -8,7 +8,8 @@ import yaml
 
 from llmops import dvcfile
 from llmops.spec import load_spec
-from tests.conftest import REPO, run_cli
+from llmops.stages import STAGES as REGISTRY
+from tests.conftest import PROJECT_FILES, REPO, run_cli
 
 STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
           "promote")
@@ -47,6 +48,68 @@ def test_stage_params_are_only_the_keys_it_reads():
         "pipelines.support-triage.validate", "pipelines.support-triage.prepare.split",
         "pipelines.support-triage.prepare.split_salt"]}]
     assert {"artifacts/support-triage/validate/validation.json": {"cache": False}} in doc["stages"]["validate"]["metrics"]
+
+
+def _write(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_code_deps_follow_imports_transitively(tmp_path):
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/stage.py": "import json\nfrom pkg import direct\n\ndef run():\n    from pkg.lazy import f\n",
+        "pkg/direct.py": "from . import sub\nfrom .helpers.deep import g\n",
+        "pkg/sub.py": "import pkg.util.tool as t\n",
+        "pkg/util/__init__.py": "",
+        "pkg/util/tool.py": "import os\n",
+        "pkg/helpers/__init__.py": "from ..other import x\n",
+        "pkg/helpers/deep.py": "from .. import base\n",
+        "pkg/base.py": "",
+        "pkg/lazy.py": "",
+        "pkg/other.py": "",
+        "pkg/unused.py": "",
+        "other_pkg/mod.py": "",
+    })
+    assert dvcfile.code_deps("pkg.stage", tmp_path) == [
+        "pkg/__init__.py", "pkg/base.py", "pkg/direct.py", "pkg/helpers/__init__.py", "pkg/helpers/deep.py",
+        "pkg/lazy.py", "pkg/other.py", "pkg/stage.py", "pkg/sub.py", "pkg/util/__init__.py", "pkg/util/tool.py"]
+
+
+def test_code_deps_of_a_stage_that_is_a_package(tmp_path):
+    _write(tmp_path, {
+        "comp/__init__.py": "",
+        "comp/shared.py": "",
+        "comp/big/__init__.py": "from .core import run\n",
+        "comp/big/core.py": "from comp import shared\n",
+        "comp/big/notes.py": "",
+    })
+    assert dvcfile.code_deps("comp.big", tmp_path) == [
+        "comp/__init__.py", "comp/big/__init__.py", "comp/big/core.py", "comp/shared.py"]
+
+
+def test_stage_code_deps_include_modules_imported_only_transitively():
+    # finetune imports components.prepare (inside run), which imports components.features at
+    # the top, which imports components.models: none of the three is the stage's own module.
+    deps = dvcfile.stage_code("finetune")
+    source = (REPO / "components" / "finetune.py").read_text()
+    assert "components.features" not in source and "components/features.py" in deps
+    assert "components/prepare.py" in deps and "components/models.py" in deps and "components/base.py" in deps
+    for stage in REGISTRY:
+        assert "components/base.py" in dvcfile.stage_code(stage)
+        assert "llmops/cli.py" not in dvcfile.stage_code(stage) and "llmops/spec.py" not in dvcfile.stage_code(stage)
+    assert {"feature_repo/definitions.py", "feature_repo/feature_store.yaml"} <= set(dvcfile.stage_code("features"))
+
+
+def test_dvc_yaml_code_deps_are_derived_sorted_and_copied_by_the_project_fixture():
+    doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
+    for stage, definition in doc["stages"].items():
+        code = [d for d in definition["deps"] if not d.startswith("artifacts/")]
+        assert code == dvcfile.stage_code(stage) == sorted(code), stage
+        for path in code:  # the integration tests' project copy must hold every dep
+            assert (REPO / path).is_file(), path
+            assert any(path == f or path.startswith(f + "/") for f in PROJECT_FILES), path
 
 
 @pytest.mark.integration
