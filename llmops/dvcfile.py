@@ -4,7 +4,7 @@ Each pipeline stage becomes a DVC stage that runs ``llmops stage NAME``, tracks 
 spec keys that stage reads (its section of pipelines.yaml) as params; as deps, its code
 (every project source file its component module imports, directly or transitively,
 found by parsing the source: :func:`code_deps`), the other files it declares and the
-output files of the stages it needs; its own
+files it reads from the folders of the stages it needs (not their reports); its own
 files as outs, its ``metrics.json`` as a (git-tracked, uncached) metrics file, and its
 plot files (training loss curve, confusion matrix) as uncached plots with their axes.
 """
@@ -99,7 +99,7 @@ def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = 
         cmd = f"llmops stage {stage}" + ("" if name == spec.default_pipeline else f" -p {name}")
         deps = stage_code(stage)
         deps += [str(artifacts / need / f) for need in definition.inputs(pipe.stages)
-                 for f in (*STAGES[need].outputs, METRICS_FILE) if f not in STAGES[need].metrics]
+                 for f in sorted(definition.input_files[need])]
         stages[stage] = {
             "cmd": cmd,
             "deps": deps,

@@ -5,7 +5,7 @@ Adding a stage = one component module + its section in PipelineSpec (llmops/spec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from components import (compress, evaluate, features, finetune, gates, ingest, prepare, promote, register,
@@ -22,6 +22,10 @@ class Stage:
     needs: tuple[str, ...]  # stages whose output folders this one reads
     outputs: tuple[str, ...]  # files it writes in its folder (DVC outs)
     doc: str
+    # The files it reads from each input stage's folder (needs and optional; METRICS_FILE
+    # included only where it parses it): its DVC deps on those stages. What it does not
+    # read there (Data Docs, report.md, PNG and CSV plots) is for people and re-runs nothing.
+    input_files: dict[str, tuple[str, ...]] = field(default_factory=dict)
     extra_deps: tuple[str, ...] = ()  # files it depends on that its imports do not show (DVC deps)
     reads: tuple[str, ...] = ()  # other spec keys it reads, e.g. "prepare.split" (DVC params; the
     #                              section they sit in is passed in io.sections)
@@ -43,39 +47,52 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "bring raw tickets, customers, profiles and articles into the run folder"),
     Stage("validate", validate.run, ("ingest",), validate.OUTPUTS,
           "Great Expectations checks; stop or quarantine before training",
+          input_files={"ingest": ingest.OUTPUTS},
           reads=("prepare.split", "prepare.split_salt"), metrics=("validation.json",)),
     Stage("features", features.run, ("validate",), features.OUTPUTS,
           "article embeddings; feast apply; materialize profiles and articles into the online store",
+          input_files={"validate": ("articles.parquet", "customer_profiles.parquet", "tickets.parquet")},
           extra_deps=FEAST_REPO),
     Stage("prepare", prepare.run, ("validate", "features"), prepare.OUTPUTS,
           "Feast point-in-time profiles + retrieved articles -> chat examples, hashed splits",
+          # features' tables are read through the Feast store they were published to
+          input_files={"validate": ("tickets.parquet",), "features": features.OUTPUTS},
           extra_deps=FEAST_REPO, reads=("features.embedding_model", "features.top_k")),
     Stage("finetune", finetune.run, ("prepare",), finetune.OUTPUTS,
           "PEFT fine-tuning on the train split, answer-only loss, early stopping, resumable",
+          input_files={"prepare": ("train.jsonl", "validation.jsonl")},
           plots=({"train_log.csv": {"x": "step", "y": "loss", "title": "training loss"}},)),
     Stage("evaluate", evaluate.run, ("prepare", "finetune"), evaluate.OUTPUTS,
           "greedy answers of the fine-tuned and the base model on the test split; metrics, slices, confusion",
+          input_files={"prepare": ("test.jsonl",), "finetune": ("adapter",)},
           reads=("finetune.base_model",), plots=({"confusion_intent.csv": {"template": "confusion", "x": "actual",
                                                                           "y": "predicted",
                                                                           "title": "intent confusion"}},)),
     Stage("compress", compress.run, ("prepare", "finetune"), compress.OUTPUTS,
           "merged, ONNX, int8/int4, pruned and distilled variants measured on validation; one chosen under "
           "the quality budget",
+          input_files={"prepare": ("train.jsonl", "validation.jsonl"), "finetune": ("adapter",)},
           reads=("finetune.base_model",),
           plots=({"quality_speed.csv": {"template": "scatter", "x": "tokens_per_s_batch1", "y": "exact_match",
                                         "title": "compression: quality vs speed"}},)),
     Stage("gates", gates.run, ("prepare", "finetune", "evaluate"), gates.OUTPUTS,
           "every declared gate: absolute, vs base, vs champion, operational budgets, behaviour, safety",
+          input_files={"prepare": ("test.jsonl",), "finetune": ("adapter",), "evaluate": (METRICS_FILE,),
+                       "compress": (METRICS_FILE,)},
           reads=("finetune.base_model", "evaluate", "prepare.system_prompt", "prepare.user_template",
                  "register.model_name"),
           optional=("compress",)),
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
           "new MLflow model version (adapter + base model hash + model card + gate report + chosen compressed "
           "variant), alias challenger",
+          input_files={"prepare": ("splits.json",), "finetune": ("adapter", METRICS_FILE),
+                       "evaluate": (METRICS_FILE,), "compress": ("model", METRICS_FILE),
+                       "gates": ("report.json",)},
           reads=("finetune.base_model", "finetune.method", "prepare.system_prompt", "prepare.user_template",
                  "features.top_k", "features.embedding_model"), optional=("compress", "gates")),
     Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS,
-          "champion <- the new version when every gate passed (previous <- the old champion); else stop"),
+          "champion <- the new version when every gate passed (previous <- the old champion); else stop",
+          input_files={"gates": ("report.json",), "register": ("registration.json",)}),
 )}
 
 __all__ = ["STAGES", "Stage", "StageIO", "StageResult", "METRICS_FILE"]

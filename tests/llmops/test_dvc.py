@@ -8,7 +8,7 @@ import yaml
 
 from llmops import dvcfile
 from llmops.spec import load_spec
-from llmops.stages import STAGES as REGISTRY
+from llmops.stages import METRICS_FILE, STAGES as REGISTRY
 from tests.conftest import PROJECT_FILES, REPO, run_cli
 
 STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
@@ -112,6 +112,40 @@ def test_dvc_yaml_code_deps_are_derived_sorted_and_copied_by_the_project_fixture
             assert any(path == f or path.startswith(f + "/") for f in PROJECT_FILES), path
 
 
+def test_each_stage_declares_the_files_it_reads_from_every_input_stage():
+    for name, stage in REGISTRY.items():
+        assert set(stage.input_files) == {*stage.needs, *stage.optional}, name
+        for need, files in stage.input_files.items():
+            readable = {*REGISTRY[need].outputs, METRICS_FILE}
+            assert files and set(files) <= readable, (name, need, set(files) - readable)
+
+
+def test_report_only_outputs_are_not_deps_of_later_stages():
+    doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))["stages"]
+    folder = "artifacts/support-triage"
+    for later in ("features", "prepare"):
+        assert f"{folder}/validate/data_docs" not in doc[later]["deps"]
+        assert f"{folder}/validate/metrics.json" not in doc[later]["deps"]
+        assert f"{folder}/validate/quarantine.jsonl" not in doc[later]["deps"]
+    assert f"{folder}/validate/articles.parquet" in doc["features"]["deps"]
+    assert f"{folder}/features/article_embeddings.parquet" in doc["prepare"]["deps"]
+    plotted = {f"{folder}/{s}/{f}" for s, d in REGISTRY.items() for plot in d.plots for f in plot}
+    reports = {f"{folder}/{s}/{f}" for s, d in REGISTRY.items() for f in d.outputs
+               if f.endswith((".md", ".png")) or f == "data_docs"}
+    assert f"{folder}/compress/quality_vs_speed.png" in reports and f"{folder}/evaluate/report.md" in reports
+    for stage, definition in doc.items():
+        assert not set(definition["deps"]) & (plotted | reports), stage
+    # metrics.json is a dep only where a later stage parses it
+    assert [d for d in doc["gates"]["deps"] if d.endswith(METRICS_FILE)] == [
+        f"{folder}/evaluate/metrics.json", f"{folder}/compress/metrics.json"]
+    assert [d for d in doc["register"]["deps"] if d.endswith(METRICS_FILE)] == [
+        f"{folder}/finetune/metrics.json", f"{folder}/evaluate/metrics.json", f"{folder}/compress/metrics.json"]
+    assert [d for d in doc["promote"]["deps"] if d.startswith(folder)] == [
+        f"{folder}/gates/report.json", f"{folder}/register/registration.json"]
+    for stage in ("validate", "features", "prepare", "finetune", "evaluate", "compress"):
+        assert not [d for d in doc[stage]["deps"] if d.endswith(METRICS_FILE)], stage
+
+
 @pytest.mark.integration
 def test_repro_skips_unchanged_and_reruns_from_the_changed_stage(project):
     first = run_cli(["repro"], cwd=project, tool="dvc")
@@ -188,3 +222,4 @@ def test_repro_stops_at_validate_on_bad_data(project, demo_small):
         assert f"Running stage '{later}'" not in proc.stdout
     assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()
+
