@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from tests.conftest import PROJECT_FILES, REPO, run_cli
 
 STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
           "promote")
+CHEAP = STAGES[:4]  # the stages up to prepare: no model is trained
 
 
 def test_committed_dvc_yaml_agrees_with_the_spec():
@@ -223,3 +225,50 @@ def test_repro_stops_at_validate_on_bad_data(project, demo_small):
     assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()
 
+
+def _changed(project) -> set[str]:
+    """The stages up to prepare that `dvc status` says would re-run."""
+    proc = run_cli(["status", "--with-deps", "--json", "prepare"], cwd=project, tool="dvc")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return set(json.loads(proc.stdout))
+
+
+@pytest.mark.integration
+def test_status_lists_the_stages_an_edited_module_reaches(project):
+    first = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _changed(project) == set()
+    code = {stage: dvcfile.stage_code(stage) for stage in CHEAP}
+    users = {path: {s for s in CHEAP if path in code[s]} for deps in code.values() for path in deps}
+    assert users["components/base.py"] == set(CHEAP)  # imported by every stage
+    some = sorted(path for path, stages in users.items() if len(stages) < len(CHEAP))
+    assert "components/generate.py" in some and "components/models.py" in some
+    for path in ["components/base.py", *some, "components/finetune.py"]:  # finetune.py: no cheap stage's code
+        source = project / path
+        original = source.read_text()
+        source.write_text(original + "# edited\n")
+        assert _changed(project) == users.get(path, set()), path
+        source.write_text(original)
+    assert _changed(project) == set()
+
+
+@pytest.mark.integration
+def test_rerunning_validate_on_the_same_input_reruns_nothing_after_it(project):
+    first = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
+    assert first.returncode == 0, first.stdout + first.stderr
+    validated = project / "artifacts" / "support-triage" / "validate"
+    before = {p.relative_to(validated): p.read_bytes() for p in validated.rglob("*") if p.is_file()}
+    again = run_cli(["repro", "-f", "-s", "validate"], cwd=project, tool="dvc")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running stage 'validate'" in again.stdout
+    after = {p.relative_to(validated): p.read_bytes() for p in validated.rglob("*") if p.is_file()}
+    # the tables are byte-identical; the Data Docs (for people, not a dep) are not
+    for table in ("tickets", "customers", "customer_profiles", "articles"):
+        assert after[Path(f"{table}.parquet")] == before[Path(f"{table}.parquet")], table
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert any(k.parts[0] == "data_docs" for k in changed), changed
+    rest = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert "Running stage" not in rest.stdout
+    for stage in CHEAP:
+        assert f"Stage '{stage}' didn't change, skipping" in rest.stdout
