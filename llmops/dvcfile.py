@@ -18,8 +18,9 @@ import yaml
 from llmops.spec import Spec
 from llmops.stages import METRICS_FILE, STAGES
 
-HEADER = ("# Generated from pipelines.yaml by `llmops dvc generate`; `llmops dvc check` and the\n"
-          "# tests fail when the two disagree. Run the stages with `dvc repro` (venv activated).\n")
+HEADER = ("# Generated from pipelines.yaml, the stage registry and the components' imports by\n"
+          "# `llmops dvc generate`; `llmops dvc check` and the tests fail when they disagree.\n"
+          "# Run the stages with `dvc repro` (venv activated).\n")
 ROOT = Path(__file__).resolve().parents[1]  # the folder the project's packages (components, llmops) sit in
 
 
