@@ -15,6 +15,7 @@ import importlib.util
 import io as _io
 import logging
 import os
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -82,7 +83,11 @@ def definitions(repo: Path) -> list:
         name = f"_feast_repo_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        written, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the repo
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.dont_write_bytecode = written
         found += [obj for obj in vars(module).values() if isinstance(obj, kinds) and not any(obj is f for f in found)]
     return found
 

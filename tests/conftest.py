@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Files a project copy needs: the spec, the DVC pipeline, and the code DVC tracks as deps.
 PROJECT_FILES = ("pipelines.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "components", "feature_repo")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_store(tmp_path_factory):
+    """Components called directly log to a throwaway MLflow store, never to ./mlruns."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
 
 
 @pytest.fixture(scope="session")
@@ -72,15 +83,37 @@ def run_cli(args: list[str], cwd: Path, check: bool = False, tool: str = "llmops
     return proc
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A copy of the project's spec, dvc.yaml and components in a new git repo, with the
-    demo cut to 300 tickets, fine-tuning to 2 steps of 2 chats on the real base model and
-    compression to one ONNX variant measured on 4 chats. Such a model cannot pass the shipped
-    gates, so promotion runs in ``warn`` mode (tests of enforcement set it back) and the
-    behavioural and safety probes use 1 test chat (17 probe chats in all)."""
-    dest = tmp_path / "project"
-    dest.mkdir()
+# The small project the integration tests run: 300 tickets, fine-tuning to 2 steps of 2 chats
+# on the real base model, evaluation on 6 test chats, compression to the default variants
+# measured on 4 chats, probes from 1 test chat. Such a model cannot pass the shipped gates, so
+# promotion runs in warn mode (tests of enforcement set it back).
+SMALL = {"ingest.source.n_tickets": 300, "finetune.max_steps": 2, "finetune.batch_size": 2,
+         "finetune.eval_examples": 4, "finetune.eval_every": 2, "evaluate.max_examples": 6,
+         "evaluate.latency_requests": 2, "compress.measure.examples": 4, "compress.measure.latency_requests": 2,
+         "compress.measure.forward_repeats": 2, "gates.probe_examples": 1, "promote.mode": "warn"}
+
+
+def set_keys(text: str, values: dict, pipeline: str = "support-triage") -> str:
+    """The spec's text with the value of each key path (relative to the pipeline) replaced
+    on its own line, comments kept."""
+    import json
+
+    from llmops.spec import _line_numbers
+
+    lines = text.splitlines()
+    where = _line_numbers(text)
+    for key, value in values.items():
+        n = where[("pipelines", pipeline, *key.split("."))]
+        head, colon, rest = lines[n - 1].partition(":")
+        comment = rest[rest.index("  #"):] if "  #" in rest else ""
+        lines[n - 1] = f"{head}{colon} {json.dumps(value)}{comment}"
+    return "\n".join(lines) + "\n"
+
+
+def make_project(dest: Path, values: dict | None = None) -> Path:
+    """A copy of the project's spec, dvc.yaml, code and Feast repository in a new git repo,
+    made small (:data:`SMALL`, then ``values``), sharing the provisioned models."""
+    dest.mkdir(parents=True)
     for name in PROJECT_FILES:
         src = REPO / name
         target = dest / name
@@ -90,24 +123,18 @@ def project(tmp_path: Path) -> Path:
         else:
             shutil.copy2(src, target)
     spec = dest / "pipelines.yaml"
-    text = spec.read_text()
-    assert "n_tickets: 2000" in text
-    for old, new in (("n_tickets: 2000", "n_tickets: 300"), ("max_steps: 300 ", "max_steps: 2 "),
-                     ("      batch_size: 4 ", "      batch_size: 2 "), ("eval_examples: 48 ", "eval_examples: 4 "),
-                     ("max_examples: null ", "max_examples: 6 "), ("latency_requests: 16 ", "latency_requests: 2 "),
-                     # compress: only the weight-only int8 variant (and merged, onnx, its parents), 4 chats
-                     ("variants: [merged, onnx, int8_dynamic, int8_static, int8_weight, int4_weight, pruned, distilled]",
-                      "variants: [int8_weight]"), ("examples: null ", "examples: 4 "),
-                     ("latency_requests: 8 ", "latency_requests: 2 "), ("forward_repeats: 10 ", "forward_repeats: 2 "),
-                     ("probe_examples: 8 ", "probe_examples: 1 "), ("mode: enforce ", "mode: warn ")):
-        assert old in text, old
-        text = text.replace(old, new)
-    spec.write_text(text)
+    spec.write_text(set_keys(spec.read_text(), SMALL | (values or {})))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     # Models are provisioned state (as `make setup` leaves it): share the repo's.
     (dest / ".llmops").mkdir()
     (dest / ".llmops" / "models").symlink_to(provisioned_models())
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh small project (:func:`make_project`)."""
+    return make_project(tmp_path / "project")
 
 
 def provisioned_models() -> Path:
@@ -118,3 +145,38 @@ def provisioned_models() -> Path:
     spec = load_spec(REPO / "pipelines.yaml", env={})
     pull("smollm2-135m-instruct", spec.models["smollm2-135m-instruct"], spec.state_dir(REPO))
     return spec.state_dir(REPO) / "models"
+
+
+# ---------------------------------------------------------------- the shared pipeline run
+
+# Gates a 2-step fine-tune can pass and the same model trained for 1 step cannot: the gold
+# answers' perplexity must not get worse than the champion's (and a latency budget).
+GATES = ("gates.checks={perplexity: {kind: vs_champion, metric: perplexity, max_regression: 0.0}, "
+         "exact_match: {kind: vs_champion, metric: exact_match, max_regression: 0.02}, "
+         "latency: {kind: budget, metric: latency_p95_ms, max: 120000}}")
+ENFORCE = ["--set", "promote.mode=enforce", "--set", GATES]
+ENV = {"LLMOPS_ACTOR": "release-bot", "COLUMNS": "200"}
+
+
+@dataclass
+class Run:
+    project: Path
+    stdout: str
+    stderr: str
+    returncode: int
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> Run:
+    """The whole default pipeline, once, as a user runs it."""
+    project = make_project(tmp_path_factory.mktemp("shared") / "project")
+    proc = run_cli(["run", *ENFORCE], cwd=project, **ENV)
+    return Run(project, proc.stdout, proc.stderr, proc.returncode)
+
+
+def copy_project(run: Run, dest: Path) -> Path:
+    """A copy of the shared run's project (state and outputs included) to change freely.
+    The copy's MLflow experiment keeps the original's artifact folder (an absolute URI):
+    new runs add their own artifacts there, nothing is overwritten."""
+    shutil.copytree(run.project, dest, symlinks=True)
+    return dest
