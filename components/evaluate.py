@@ -35,7 +35,8 @@ class EvaluateSpec(StrictModel):
     batch_size: int = Field(16, gt=0)  # chats generated together
     max_new_tokens: int = Field(48, gt=0)  # the answer is ~25 tokens; a model that rambles is cut here
     max_examples: int | None = Field(None, gt=0)  # first N test chats only; null: all
-    latency_requests: int = Field(16, ge=0)  # chats answered one at a time for the latency percentiles
+    latency_requests: int = Field(8, ge=0)  # chats answered one at a time for the latency percentiles
+    perplexity_examples: int | None = Field(64, gt=0)  # first N chats for the gold answers' perplexity; null: all
     cache_base: bool = True  # reuse the base model's result when weights, test set and settings match
 
 
@@ -53,7 +54,8 @@ def run(cfg: EvaluateSpec, io: StageIO) -> StageResult:
     except ModelError as exc:
         raise StageError(str(exc)) from exc
     candidate = measure(model, tokenizer, examples, schema, cfg.batch_size, cfg.max_new_tokens,
-                        cfg.latency_requests, slice_by, label="evaluate candidate")
+                        cfg.latency_requests, slice_by, label="evaluate candidate",
+                        perplexity_examples=cfg.perplexity_examples)
     del model
 
     base_sha = weights_sha256(base_path, io.state_dir)
@@ -70,7 +72,7 @@ def run(cfg: EvaluateSpec, io: StageIO) -> StageResult:
     else:
         base_tok, base_model = load(base_path)
         base = measure(base_model, base_tok, examples, schema, cfg.batch_size, cfg.max_new_tokens, 0, slice_by,
-                       label="evaluate base model")
+                       label="evaluate base model", perplexity_examples=cfg.perplexity_examples)
         del base_model
         write_json(cache_file, {"metrics": base.metrics.model_dump(), "slices": base.slices,
                                 "answers": base.answers})

@@ -37,8 +37,10 @@ def percentile_ms(seconds: list[float], q: float) -> float | None:
 
 def measure(model, tokenizer, examples: list[dict], schema: AnswerSchema, batch_size: int, max_new_tokens: int,
             latency_requests: int = 0, slice_by: list[str] | None = None, top_k: int = 0, label: str = "",
-            progress: bool = True) -> Measured:
-    """Answer, score and time ``model`` on ``examples`` (chats ending with the gold answer)."""
+            progress: bool = True, perplexity_examples: int | None = None) -> Measured:
+    """Answer, score and time ``model`` on ``examples`` (chats ending with the gold answer);
+    the perplexity (and top-k ids) on the first ``perplexity_examples`` of them (None: all):
+    a teacher-forced pass costs as much as answering."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     prompts = [prompt_ids(e["messages"][:-1], tokenizer) for e in examples]
@@ -53,7 +55,8 @@ def measure(model, tokenizer, examples: list[dict], schema: AnswerSchema, batch_
         task = bar.add_task(label, total=len(examples))
         out = generate(model, tokenizer, prompts, batch_size, max_new_tokens, stop_when=cannot_be_answer,
                        on_batch=lambda k: bar.advance(task, k))
-    perplexity, tops = teacher_forced(model, tokenizer, [e["messages"] for e in examples], batch_size, top_k)
+    scored = examples[:perplexity_examples]
+    perplexity, tops = teacher_forced(model, tokenizer, [e["messages"] for e in scored], batch_size, top_k)
     metrics = ModelMetrics.from_scores(
         schema.score(golds, out.texts), perplexity=perplexity,
         latency_p50_ms=percentile_ms(latencies, 50), latency_p95_ms=percentile_ms(latencies, 95),

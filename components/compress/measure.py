@@ -20,6 +20,7 @@ from components.task import AnswerSchema
 
 class MeasureSpec(StrictModel):
     examples: int | None = Field(None, gt=0)  # first N validation chats; null: all
+    perplexity_examples: int | None = Field(None, gt=0)  # of those, the first N for perplexity and top-k agreement
     batch_size: int = Field(8, gt=0)  # batched generation (tokens/s batched, the task metrics)
     max_new_tokens: int = Field(48, gt=0)
     latency_requests: int = Field(8, gt=0)  # chats answered one at a time: tokens/s at batch 1, request latency
@@ -55,7 +56,7 @@ def measure_variant(folder: Path, examples: list[dict], schema: AnswerSchema, cf
     prompts = [prompt_ids(e["messages"][:-1], tokenizer) for e in examples]
     forward = forward_p50_ms(model, prompts, cfg.forward_repeats)
     done = measure(model, tokenizer, examples, schema, cfg.batch_size, cfg.max_new_tokens, cfg.latency_requests,
-                   top_k=top_k, label=folder.name, progress=False)
+                   top_k=top_k, label=folder.name, progress=False, perplexity_examples=cfg.perplexity_examples)
     return {"size_mib": size_mib(folder), "load_s": round(load_s, 2), "forward_p50_ms": forward,
             "tokens_per_s_batch1": round(done.tokens_batch1 / sum(done.latencies_s), 1),
             "tokens_per_s_batched": done.metrics.generated_tokens_per_s,

@@ -130,7 +130,8 @@ def _reevaluate(version, examples: list[dict], schema: AnswerSchema, eval_cfg, b
                          "it cannot be evaluated again here")
     key = json.dumps({"adapter": version.tags.get("adapter_sha256", f"{version.name}/{version.version}"),
                       "base": base_sha, "test": hashlib.sha256(json.dumps(examples).encode()).hexdigest(),
-                      "settings": [eval_cfg.batch_size, eval_cfg.max_new_tokens], "schema": schema.schema,
+                      "settings": [eval_cfg.batch_size, eval_cfg.max_new_tokens,
+                                   getattr(eval_cfg, "perplexity_examples", None)], "schema": schema.schema,
                       "version": CACHE_VERSION}, sort_keys=True)
     cache = io.state_dir / "cache" / "evaluate" / f"champion-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     if cache.exists():
@@ -139,7 +140,8 @@ def _reevaluate(version, examples: list[dict], schema: AnswerSchema, eval_cfg, b
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp))
         tokenizer, model = load(base_path, adapter=folder / "adapter")
         metrics = measure(model, tokenizer, examples, schema, eval_cfg.batch_size, eval_cfg.max_new_tokens,
-                          label=f"champion v{version.version}").metrics.flat()
+                          label=f"champion v{version.version}",
+                          perplexity_examples=getattr(eval_cfg, "perplexity_examples", None)).metrics.flat()
     write_json(cache, metrics)
     return metrics
 
