@@ -179,7 +179,9 @@ def run(cfg: FinetuneSpec, io: StageIO) -> StageResult:
     train_examples = read_examples(src / "train.jsonl")
     val_examples = read_examples(src / "validation.jsonl")
     # Same config and same data -> same checkpoint folder, so a restarted run resumes.
-    key = hashlib.sha256((cfg.model_dump_json() + file_sha256(src / "train.jsonl")).encode()).hexdigest()[:16]
+    # The safety stop is not part of the key: raising it resumes the same run.
+    key = hashlib.sha256((cfg.model_dump_json(exclude={"max_minutes"}) + file_sha256(src / "train.jsonl")
+                          ).encode()).hexdigest()[:16]
     checkpoints = io.state_dir / "checkpoints" / io.pipeline / f"finetune-{key}"
     for split, examples, context in (("train", train_examples, "training"), ("validation", val_examples, "eval")):
         path = src / f"{split}.jsonl"

@@ -139,8 +139,6 @@ Exact match by slice:
 {gate_section}
 ## Usage
 
-`llmops serve --model {cfg.model_name}@champion` serves it. By hand:
-
 ```python
 import mlflow
 from components.lm import load

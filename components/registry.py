@@ -6,7 +6,7 @@ Aliases: ``challenger`` is the newest registered version (set by ``register``);
 ``champion`` is the version to serve; ``previous`` the champion before it, the target of
 a rollback; ``rolled_back`` the champion a rollback demoted.
 
-Audit log: every alias move is a tag on the registered model, ``audit.<UTC time>.<n>`` =
+Audit log: every alias move is a tag on the registered model, ``audit.<UTC time>.<alias>`` =
 JSON ``{"at", "by", "action", "alias", "from", "to", "why"}``, and the same tag on each
 version it involved. Tags live in the registry itself, so the log follows the registry
 to a shared MLflow server, is append-only (a move never rewrites an earlier key) and

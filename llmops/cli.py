@@ -79,7 +79,9 @@ def stage(
     from llmops.runner import configure_environment, execute_stage
 
     spec = _load(file, overrides, pipeline)
-    pipe_name, _ = spec.pipeline(pipeline)
+    pipe_name, pipe = spec.pipeline(pipeline)
+    if name not in pipe.stages:
+        _fail(f"{name!r} is not a stage of pipeline {pipe_name!r} (stages: {', '.join(pipe.stages)})")
     configure_environment(spec, _root(file))
     _check_services(prefect=False)
     started = time.perf_counter()

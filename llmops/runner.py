@@ -53,10 +53,11 @@ def configure_environment(spec: Spec, root: Path) -> None:
     # finished stage idles for a few minutes while later stages run. This only hides the line:
     # a later Feast call in the same process can still fail to reconnect (README: known issue).
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # The spec decides (its defaults read the environment: ${PREFECT_API_URL:-}, ...).
     if spec.services.prefect.api_url:
         os.environ["PREFECT_API_URL"] = spec.services.prefect.api_url
-    os.environ.setdefault("MLFLOW_TRACKING_URI", spec.services.mlflow.tracking_uri
-                          or f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = (spec.services.mlflow.tracking_uri
+                                         or f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
 
 
 def stage_dir(spec: Spec, root: Path, pipeline: str, stage: str) -> Path:

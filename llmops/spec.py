@@ -105,12 +105,40 @@ class PipelineSpec(StrictModel):
     @field_validator("retries")
     @classmethod
     def _retries_name_stages(cls, retries: dict[str, int], info: ValidationInfo) -> dict[str, int]:
-        stages = info.data.get("stages") or []
+        if "stages" not in info.data:
+            return retries  # the stages failed their own check; that error says it
+        stages = info.data["stages"]
         unknown = [name for name in retries if name not in stages]
         if unknown:
             raise ValueError(f"{', '.join(map(repr, unknown))} not a stage of this pipeline "
                              f"(stages: {', '.join(stages)})")
         return retries
+
+    @model_validator(mode="after")
+    def _gates_name_known_metrics(self) -> "PipelineSpec":
+        """A gate's metric or answer field must exist for this task: a typo fails here, not
+        after training."""
+        fields = list(self.task.answer)
+        quality = ["exact_match", "json_valid_rate", "perplexity", *(f"{f}_accuracy" for f in fields)]
+        measured = [*quality, "latency_p50_ms", "latency_p95_ms", "generated_tokens_per_s"]
+        problems = []
+        for name, gate in self.gates.checks.items():
+            allowed = {"absolute": measured, "vs_base": quality, "vs_champion": quality}.get(gate.kind)
+            if allowed and gate.metric not in allowed:
+                problems.append(f"gates.checks.{name}.metric: {gate.metric!r} is not a metric of this task "
+                                f"(metrics: {', '.join(allowed)})")
+            answer_field = getattr(gate, "field", None)
+            if answer_field is not None and answer_field not in fields:
+                problems.append(f"gates.checks.{name}.field: {answer_field!r} is not an answer field "
+                                f"(task.answer: {', '.join(fields)})")
+            for case in getattr(gate, "cases", []):
+                unknown = sorted(set(case.expect) - set(fields))
+                if unknown:
+                    problems.append(f"gates.checks.{name}.cases: expect names {', '.join(unknown)}, not answer "
+                                    f"fields (task.answer: {', '.join(fields)})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def section(self, stage: str) -> BaseModel:
         """The config section of ``stage`` (field names may carry a trailing _ for aliases)."""

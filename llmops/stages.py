@@ -50,7 +50,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("validate", validate.run, ("ingest",), validate.OUTPUTS,
           "Great Expectations checks; stop or quarantine before training",
           input_files={"ingest": ingest.OUTPUTS},
-          reads=("task", "prepare.split", "prepare.split_salt"), metrics=("validation.json",)),
+          reads=("task.answer", "prepare.split", "prepare.split_salt"), metrics=("validation.json",)),
     Stage("features", features.run, ("validate",), features.OUTPUTS,
           "article embeddings; feast apply; materialize profiles and articles into the online store",
           input_files={"validate": ("articles.parquet", "customer_profiles.parquet", "tickets.parquet")},

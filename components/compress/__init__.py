@@ -21,6 +21,7 @@ variant is written to ``model/`` and the register stage adds it to the model ver
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Literal
 
 
 from components import tracking
-from components.base import StageError, StageIO, StageResult, StrictModel, write_json
+from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, write_json
 from components.catalog import base_model_path
 from components.compress.distill import DistilledSpec, distill
 from components.compress.measure import MeasureSpec, compare, cpu_flags, measure_alone
@@ -65,12 +66,16 @@ def run(cfg: CompressSpec, io: StageIO) -> StageResult:
         raise StageError(f"{val_path}: no validation examples to measure the variants on")
     schema = AnswerSchema.read(io.inputs["prepare"] / AnswerSchema.FILE)
     work = io.out_dir / "variants"
+    # a distillation resumes only with the same teacher (adapter), data and settings
+    key = hashlib.sha256((cfg.distilled.model_dump_json(exclude={"max_minutes"})
+                          + file_sha256(io.inputs["finetune"] / "adapter" / "adapter_model.safetensors")
+                          + file_sha256(io.inputs["prepare"] / "train.jsonl")).encode()).hexdigest()[:16]
     train = lambda: read_examples(io.inputs["prepare"] / "train.jsonl")  # noqa: E731
     ctx = BuildContext(
         base_path=base_model_path(io), adapter=io.inputs["finetune"] / "adapter", work=work,
         calibration=lambda n: calibration_prompts(work / "merged", train(), n),
         distill=lambda teacher, out: distill(teacher, out, cfg.distilled, train(), io.models, io.state_dir,
-                                             io.state_dir / "checkpoints" / io.pipeline / "distill"))
+                                             io.state_dir / "checkpoints" / io.pipeline / f"distill-{key}"))
     measured: dict[str, dict] = {}
     tops: dict[str, list] = {}
     order = build_order(cfg.variants)
