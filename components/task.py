@@ -25,10 +25,11 @@ ARTICLES = "articles"  # the placeholder the retrieved articles are rendered int
 INVALID = "(invalid)"  # the predicted class of an answer that is not valid
 UNKNOWN = "unknown"  # a prompt value that is missing (e.g. a customer without a profile)
 
-DEFAULT_SYSTEM = ("You triage support tickets for Tessera. Reply with one JSON object and nothing else: "
+# The demo's prompt (as pipelines.yaml ships it).
+DEFAULT_SYSTEM = ('Triage the Tessera support ticket. Reply only with JSON: '
                   '{"intent": ..., "priority": ..., "article_id": ...}.')
-DEFAULT_TEMPLATE = ("Channel: {channel}\nCustomer plan: {plan} | new customer: {new_customer} | "
-                    "busy account: {busy_account}\nSubject: {subject}\n\n{body}\n\nCandidate articles:\n{articles}")
+DEFAULT_TEMPLATE = ("Channel: {channel} | plan: {plan} | account weight: {account_weight}\nSubject: {subject}\n\n"
+                    "{body}\n\nArticles:\n{articles}")
 
 
 class AnswerField(StrictModel):

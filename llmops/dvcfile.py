@@ -88,6 +88,30 @@ def stage_code(stage: str, root: Path = ROOT) -> list[str]:
     return sorted({*code_deps(definition.run.__module__, root), *definition.extra_deps})
 
 
+def catalog_models(spec: Spec, pipe, keys) -> list[str]:
+    """The catalog entries named anywhere in the spec keys a stage reads (e.g. the base model
+    in finetune.base_model): a new catalog entry for them re-runs the stage."""
+    document = pipe.model_dump(mode="json", by_alias=True)
+    found: set[str] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value in spec.models:
+            found.add(value)
+
+    for key in keys:
+        node = document
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        walk(node)
+    return sorted(found)
+
+
 def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = None) -> dict:
     """The dvc.yaml document for ``pipeline`` (default: the spec's default pipeline)."""
     name, pipe = spec.pipeline(pipeline)
@@ -104,7 +128,8 @@ def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = 
         stages[stage] = {
             "cmd": cmd,
             "deps": deps,
-            "params": [{spec_file: [f"pipelines.{name}.{s}" for s in (stage, *definition.reads)]}],
+            "params": [{spec_file: [f"pipelines.{name}.{s}" for s in (stage, *definition.reads)]
+                        + [f"models.{m}" for m in catalog_models(spec, pipe, (stage, *definition.reads))]}],
             "outs": [str(folder / f) for f in definition.outputs
                      if f not in definition.metrics and f not in plotted],
             "metrics": [{str(folder / m): {"cache": False}} for m in (METRICS_FILE, *definition.metrics)],

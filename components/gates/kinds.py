@@ -183,20 +183,27 @@ class InvarianceGate(_Probed):
 
 
 class DirectionalGate(_Probed):
-    """The same request with ``feature`` at ``high`` instead of ``low`` never gets a lower
-    ``field`` (an ordered answer field), e.g. an enterprise customer never a lower priority."""
+    """The same request with the ``high`` values of some request fields instead of the
+    ``low`` ones never gets a lower ``field`` (an ordered answer field): e.g. an enterprise
+    customer never a lower priority than a free one."""
 
     kind: Literal["directional"] = "directional"
-    feature: str = "plan"  # the request field that changes
-    low: str = "free"
-    high: str = "enterprise"
+    low: dict[str, str] = Field({"plan": "free"}, min_length=1)  # request fields of the lower case
+    high: dict[str, str] = Field({"plan": "enterprise"}, min_length=1)  # the same fields, higher
     field: str = "priority"  # an answer field with ordered values
+
+    @model_validator(mode="after")
+    def _same_fields(self):
+        if set(self.low) != set(self.high):
+            raise ValueError(f"low and high must set the same request fields (low: {', '.join(self.low)}; "
+                             f"high: {', '.join(self.high)})")
+        return self
 
     def probes(self, examples: list[dict], ctx: ProbeContext) -> list[tuple]:
         if self.field not in ctx.schema.ordered:
             raise StageError(f"directional gate: answer field {self.field!r} is not ordered (task.answer."
                              f"{self.field}.ordered); ordered fields: {', '.join(ctx.schema.ordered) or 'none'}")
-        return texts.directional_cases(examples, ctx.template, self.feature, self.low, self.high)
+        return texts.directional_cases(examples, ctx.template, self.low, self.high)
 
     def passed(self, case: tuple, said, ctx: ProbeContext) -> tuple[bool, str]:
         schema = ctx.schema

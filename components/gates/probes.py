@@ -105,13 +105,13 @@ def invariance_cases(examples: list[dict], template: str, kinds: list[str],
     return out
 
 
-def directional_cases(examples: list[dict], template: str, feature: str, low: str,
-                      high: str) -> list[tuple[dict, dict]]:
-    """(the request with ``feature`` = ``low``, the same request with ``feature`` = ``high``)."""
+def directional_cases(examples: list[dict], template: str, low: dict[str, str],
+                      high: dict[str, str]) -> list[tuple[dict, dict]]:
+    """(the request with the ``low`` field values, the same request with the ``high`` ones)."""
     out = []
     for example in examples:
-        lower = with_fields(example, template, **{feature: low})
-        higher = with_fields(example, template, **{feature: high})
+        lower = with_fields(example, template, **low)
+        higher = with_fields(example, template, **high)
         if lower is not None and higher is not None:
             out.append((lower, higher))
     return out

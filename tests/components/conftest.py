@@ -62,7 +62,8 @@ def triage_examples(n: int, offset: int = 0) -> list[dict]:
         row = {"ticket_id": f"T{i}", "customer_id": f"C{i}", "created_at": "2026-05-01T00:00:00+00:00",
                "channel": ("email", "chat", "phone")[i % 3], "subject": f"Ticket number {i}", "body": bodies[i % 3],
                "plan": plans[i % 4], "tenure_days": 100, "open_tickets_30d": 1, "seats": 3, "new_customer": "no",
-               "busy_account": "no", "intent": intents[i % 3], "priority": "medium", "article_id": "KB-101"}
+               "busy_account": "no", "account_weight": {"free": "-1", "enterprise": "+1"}.get(plans[i % 4], "+0"),
+               "intent": intents[i % 3], "priority": "medium", "article_id": "KB-101"}
         articles = [{"article_id": "KB-101", "title": "Refunds and duplicate charges in Tessera Sync"}]
         out.append({"ticket_id": row["ticket_id"], "labels": {k: row[k] for k in ("intent", "priority", "article_id")},
                     "meta": {"channel": row["channel"], "plan": row["plan"]},

@@ -57,7 +57,8 @@ def test_apply_registers_the_definitions(built):
                                          "n_articles": len(built["demo"].articles),
                                          "articles_embedded": len(built["demo"].articles), "articles_reused": 0}
     service, names = featurestore.feature_service(store, "triage")
-    assert names == ["plan", "tenure_days", "open_tickets_30d", "seats", "new_customer", "busy_account"]
+    assert names == ["plan", "tenure_days", "open_tickets_30d", "seats", "new_customer", "busy_account",
+                     "account_weight"]
     with pytest.raises(StageError, match="no feature service 'nope' in the Feast registry \\(services: triage\\)"):
         featurestore.feature_service(store, "nope")
 
@@ -72,13 +73,15 @@ def test_training_profiles_are_point_in_time(built, demo):
     for t in demo.tickets.itertuples():
         snap = as_of(profiles, t.customer_id, t.created_at)
         user = examples[t.ticket_id]["messages"][1]["content"]
-        # the on-demand flags are computed from that same snapshot (policy: < 30 days, >= 3 open)
-        new, busy = ("yes" if snap["tenure_days"] < 30 else "no"), ("yes" if snap["open_tickets_30d"] >= 3 else "no")
-        assert f"Customer plan: {snap['plan']} | new customer: {new} | busy account: {busy}" in user
+        # the on-demand policy weight is computed from that same snapshot (free -1, enterprise +1,
+        # +1 under 30 days of tenure, +1 with 3 or more tickets open)
+        new, busy = snap["tenure_days"] < 30, snap["open_tickets_30d"] >= 3
+        weight = {"free": -1, "enterprise": 1}.get(snap["plan"], 0) + new + busy
+        assert f"| plan: {snap['plan']} | account weight: {weight:+d}\n" in user
         flags[new, busy] += 1
         checked += 1
         if latest.plan[t.customer_id] != snap["plan"]:  # the plan changed after this ticket
-            assert f"Customer plan: {latest.plan[t.customer_id]} |" not in user
+            assert f"| plan: {latest.plan[t.customer_id]} |" not in user
             changed += 1
     assert checked == 2000 and changed > 100
     assert len(flags) == 4 and min(flags.values()) > 20  # every combination occurs
@@ -137,13 +140,13 @@ def test_training_and_serving_build_the_same_prompt(built, demo, tmp_path):
 def test_unknown_customer(built):
     profile = online_features(built["store"], FeaturesSpec(), "CUST-9999")
     assert profile == {"plan": None, "tenure_days": None, "open_tickets_30d": None, "seats": None,
-                       "new_customer": "unknown", "busy_account": "unknown"}
+                       "new_customer": "unknown", "busy_account": "unknown", "account_weight": "unknown"}
     with pytest.raises(StageError, match="unknown customer_id 'CUST-9999': no features in the online store"):
         online_features(built["store"], FeaturesSpec(unknown_customer="error"), "CUST-9999")
     context = online_context(built["store"], Retriever(built["store"], built["embedder"], 3), FeaturesSpec(),
                              TaskSpec(), {"customer_id": "CUST-9999", "channel": "chat",
                                           "subject": "Refund", "body": "charged twice for Tessera Sync"})
-    assert "Customer plan: unknown | new customer: unknown | busy account: unknown" in context["messages"][1]["content"]
+    assert "| plan: unknown | account weight: unknown\n" in context["messages"][1]["content"]
 
 
 def test_a_second_apply_in_the_same_process_uses_its_own_sources(built, tmp_path):

@@ -204,12 +204,13 @@ def test_each_perturbation_changes_only_the_ticket_text():
 
 
 def test_directional_pair_differs_only_by_plan():
-    pairs = probes.directional_cases(triage_examples(4), TEMPLATE, "plan", "free", "enterprise")
+    pairs = probes.directional_cases(triage_examples(4), TEMPLATE, {"plan": "free"}, {"plan": "enterprise"})
     assert len(pairs) == 4
     for low, high in pairs:
         assert "plan: free" in user(low) and "plan: enterprise" in user(high)
         assert user(low).replace("plan: free", "plan: enterprise") == user(high)
-    assert probes.directional_cases(triage_examples(2), "{subject}\n\n{body}", "plan", "free", "enterprise") == []
+    assert probes.directional_cases(triage_examples(2), "{subject}\n\n{body}", {"plan": "free"},
+                                    {"plan": "enterprise"}) == []
     with pytest.raises(StageError, match="answer field 'intent' is not ordered"):
         DirectionalGate(field="intent").probes(triage_examples(1), CTX)
 

@@ -77,9 +77,9 @@ def test_examples_are_chats_whose_answer_is_the_gold_json(prepared, demo_small):
 
 def test_ticket_before_any_profile_says_unknown():
     msgs = build_messages({"channel": "chat", "subject": "s", "body": "b", "plan": float("nan"),
-                           "new_customer": None, "busy_account": float("nan")}, TaskSpec())
-    assert "plan: unknown | new customer: unknown | busy account: unknown" in msgs[1]["content"]
-    assert msgs[1]["content"].endswith("Candidate articles:\n- (none found)")
+                           "account_weight": None}, TaskSpec())
+    assert "| plan: unknown | account weight: unknown\n" in msgs[1]["content"]
+    assert msgs[1]["content"].endswith("Articles:\n- (none found)")
 
 
 def test_articles_render_as_id_and_title():

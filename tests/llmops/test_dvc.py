@@ -42,13 +42,17 @@ def test_check_reports_each_disagreement(tmp_path):
 
 def test_stage_params_are_only_the_keys_it_reads():
     doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
+    # a stage's section, the other keys it reads, and the catalog entries of the models they name
     assert doc["stages"]["prepare"]["params"] == [{"pipelines.yaml": [
-        "pipelines.support-triage.prepare", "pipelines.support-triage.task", "pipelines.support-triage.features"]}]
+        "pipelines.support-triage.prepare", "pipelines.support-triage.task", "pipelines.support-triage.features",
+        "models.all-minilm-l6-v2"]}]
     assert "artifacts/support-triage/validate/tickets.parquet" in doc["stages"]["prepare"]["deps"]
     assert doc["stages"]["validate"]["params"] == [{"pipelines.yaml": [
-        "pipelines.support-triage.validate", "pipelines.support-triage.task", "pipelines.support-triage.prepare.split",
-        "pipelines.support-triage.prepare.split_salt"]}]
-    assert doc["stages"]["finetune"]["params"] == [{"pipelines.yaml": ["pipelines.support-triage.finetune"]}]
+        "pipelines.support-triage.validate", "pipelines.support-triage.task.answer",
+        "pipelines.support-triage.prepare.split", "pipelines.support-triage.prepare.split_salt",
+        "models.smollm2-135m-instruct"]}]  # its token-length check counts with the base model's tokenizer
+    assert doc["stages"]["finetune"]["params"] == [{"pipelines.yaml": ["pipelines.support-triage.finetune",
+                                                                       "models.smollm2-135m-instruct"]}]
     assert {"artifacts/support-triage/validate/validation.json": {"cache": False}} in doc["stages"]["validate"]["metrics"]
 
 
