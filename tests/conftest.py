@@ -98,10 +98,10 @@ def set_keys(text: str, values: dict, pipeline: str = "support-triage") -> str:
     on its own line, comments kept."""
     import json
 
-    from llmops.spec import _line_numbers
+    from llmops.spec_errors import line_numbers
 
     lines = text.splitlines()
-    where = _line_numbers(text)
+    where = line_numbers(text)
     for key, value in values.items():
         n = where[("pipelines", pipeline, *key.split("."))]
         head, colon, rest = lines[n - 1].partition(":")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from moto.server import ThreadedMotoServer
 
-from components.base import StageError, StageIO
+from components.base import StageError, StageIO, file_sha256
 from components.ingest import FilesSource, GenerateSource, IngestSpec, read_tables, run
 
 
@@ -23,7 +23,8 @@ def test_generate_source_writes_the_four_tables(tmp_path):
     cfg = IngestSpec(source=GenerateSource(n_tickets=120, n_customers=20, seed=2))
     result = run(cfg, StageIO(pipeline="t", out_dir=tmp_path))
     assert set(result.outputs) == {"tickets", "customers", "customer_profiles", "articles"}
-    assert result.metrics["n_tickets"] == 120 and result.metrics["n_articles"] == 40
+    assert result.report.rows["tickets"] == 120 and result.report.rows["articles"] == 40
+    assert result.report.tickets_sha256 == file_sha256(result.outputs["tickets"])
     assert len(pd.read_parquet(result.outputs["tickets"])) == 120
 
 

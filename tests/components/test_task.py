@@ -24,12 +24,15 @@ SECOND_TASK = ("task={system_prompt: 'Route the ticket. Answer in JSON.', "
                "user_template: '{subject} // {body} // plan {plan}', "
                "answer: {team: {values: [billing, accounts, engineering]}, "
                "escalate: {values: ['no', 'yes'], ordered: true}}, retrieval_query: [body]}")
+# The shipped gates name the demo's fields; a task with other fields brings gates of its own.
+SECOND_GATES = ("gates.checks={accuracy: {kind: absolute, metric: team_accuracy, min: 0.5}, "
+                "no_escalation_drift: {kind: invariance, field: escalate, perturbations: [casing]}}")
 
 
 @pytest.fixture(scope="module")
 def second_task(tmp_path_factory, demo_small):
     """The demo data with the second task's labels, prepared, fine-tuned and evaluated."""
-    spec = load_spec(REPO / "pipelines.yaml", overrides=[SECOND_TASK], env={})
+    spec = load_spec(REPO / "pipelines.yaml", overrides=[SECOND_TASK, SECOND_GATES], env={})
     _, pipe = spec.pipeline(None)
     data = copy.deepcopy(demo_small)
     data.tickets = data.tickets.assign(team=data.tickets.intent.map(TEAMS).fillna("engineering"),
