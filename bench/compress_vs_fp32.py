@@ -40,7 +40,7 @@ def _unused(*_):
 
 def main() -> int:
     from components.base import StageError
-    from components.catalog import ModelError, resolve
+    from bench.common import base_model_or_exit
     from components.compress import TOP_K
     from components.compress.measure import cpu_flags, measure_alone
     from components.compress.variants import BuildContext, Merged
@@ -67,11 +67,7 @@ def main() -> int:
         print("missing: " + "; ".join(missing) + f"\nrun `llmops run -p {name} --until compress` first",
               file=sys.stderr)
         return 2
-    try:
-        base = resolve(pipe.finetune.base_model, spec.models, spec.state_dir(ROOT))
-    except ModelError as exc:
-        print(f"finetune.base_model: {exc}", file=sys.stderr)
-        return 2
+    base = base_model_or_exit(spec, pipe)
     examples = read_examples(prepare / "validation.jsonl")[:args.examples]
     if not examples:
         print(f"{prepare / 'validation.jsonl'}: no validation chats to measure on", file=sys.stderr)

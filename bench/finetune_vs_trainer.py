@@ -108,7 +108,7 @@ def trainer_run(model_path: str, examples: list[dict], args, bf16: bool) -> dict
 def main() -> int:
     import torch
 
-    from components.catalog import ModelError, resolve
+    from bench.common import base_model_or_exit
     from components.compress.measure import cpu_flags
     from components.lm import cpu_has_bf16
     from components.splits import read_examples
@@ -125,11 +125,7 @@ def main() -> int:
     if not Path(args.data).exists():
         print(f"{args.data} not found: run `llmops run --until prepare` first", file=sys.stderr)
         return 2
-    try:
-        model = args.model or resolve(pipe.finetune.base_model, spec.models, spec.state_dir(ROOT))
-    except ModelError as exc:
-        print(f"{exc}\n(`make models` provisions it)", file=sys.stderr)
-        return 2
+    model = args.model or base_model_or_exit(spec, pipe)
     examples = read_examples(Path(args.data))
 
     results, ratios = {}, {}

@@ -84,7 +84,14 @@ def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None
         for stage in stages:
             shell = run_stage.with_options(retries=pipe.retries.get(stage, 0),
                                            retry_delay_seconds=pipe.retry_delay_s)
-            outputs[stage] = shell(str(spec_file), overrides, name, stage, run_id)
+            started = time.perf_counter()
+            try:
+                outputs[stage] = shell(str(spec_file), overrides, name, stage, run_id)
+            except Exception as exc:
+                # What ran, and how long, for the command's time table on a failed run too.
+                exc.stage_results = {**outputs, f"{stage} (failed)": {
+                    "outputs": {}, "seconds": round(time.perf_counter() - started, 1)}}
+                raise
         ok = True
     finally:
         end_pipeline_run(run_id, ok)

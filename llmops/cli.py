@@ -60,6 +60,8 @@ def run(
             report = stage_dir(spec, _root(file), name, "gates") / "metrics.json"
             if report.exists() and report.stat().st_mtime >= started_at:
                 _print_gates(GateReport.read(report))
+        if getattr(exc, "stage_results", None):
+            _print_times(exc.stage_results, time.perf_counter() - started)
         _fail(str(exc), code=1)
     outputs = {stage_name: r["outputs"] for stage_name, r in results.items()}
     elapsed = time.perf_counter() - started

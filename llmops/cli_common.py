@@ -2,6 +2,8 @@
 how a command loads the spec and fails (one line on stderr, an exit code)."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,8 +30,14 @@ app.add_typer(features_app, name="features")
 task_app = typer.Typer(help="The task in pipelines.yaml: the answer's JSON Schema.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+def _width(stream) -> int | None:
+    """Rich's width: the terminal's; in a log or pipe (no terminal) 160 columns unless COLUMNS
+    says otherwise, not rich's 80, which squeezes tables into unreadable cells."""
+    return None if stream.isatty() or os.environ.get("COLUMNS") else 160
+
+
+console = Console(stderr=True, soft_wrap=True, width=_width(sys.stderr))
+out = Console(soft_wrap=True, width=_width(sys.stdout))
 
 SpecFile = Annotated[Path, typer.Option("--file", "-f", envvar="LLMOPS_SPEC",
                                         help="The spec file.", show_default=True)]

@@ -1,11 +1,12 @@
 """The Prefect flow, run as a user runs it: `llmops run` on the small project, on Prefect's
 ephemeral server with its database inside the project's state folder (the shared run of
-tests/flows/conftest.py), and the failures a user meets (missing inputs, bad data, bad
+tests/conftest.py), and the failures a user meets (missing inputs, bad data, bad
 arguments) on projects of their own."""
 from __future__ import annotations
 
 import copy
 import json
+import re
 import sqlite3
 
 import pytest
@@ -196,6 +197,10 @@ def test_bad_data_stops_the_flow_at_validate(project, demo_small):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # The time table covers what ran, the failed stage named as such.
+    times = proc.stdout[proc.stdout.index("time per stage"):]
+    assert re.search(r"ingest +\d+\.\d min", times) and re.search(r"validate \(failed\) +\d+\.\d min", times)
+    assert "prepare" not in times
     out = project / "artifacts" / "support-triage"
     assert not (out / "prepare").exists() and not (out / "validate").exists()
     report = json.loads((out / "validate.failed" / "validation.json").read_text())
