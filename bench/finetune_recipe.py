@@ -78,7 +78,8 @@ def main() -> int:
                          progress=False).metrics
         eval_s = time.perf_counter() - started
     print(json.dumps({"benchmark": "finetune_recipe", "last_layers": cfg.method.last_layers,
-                      "steps": trained["steps"], "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "seed": cfg.seed,
+                      "steps": trained["steps"], "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                      "seed": cfg.seed,
                       "precision": cfg.precision, "stopped_by": trained["stopped_by"],
                       "s_per_step": round(train_s / max(trained["steps"], 1), 2),
                       "best_val_loss": trained["best_val_loss"], "test_chats": len(test),

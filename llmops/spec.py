@@ -26,7 +26,7 @@ from components.promote import PromoteSpec
 from components.register import RegisterSpec
 from components.task import TaskSpec
 from components.validate import ValidateSpec
-from llmops.spec_errors import format_errors, line_numbers
+from llmops.spec_errors import format_errors
 from llmops.stages import STAGES
 
 DEFAULT_SPEC = "pipelines.yaml"
