@@ -2,6 +2,7 @@
 integration tests that run the real CLI, Prefect and DVC."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -19,14 +20,35 @@ BIN = Path(sys.executable).parent
 PROJECT_FILES = ("pipelines.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "components", "feature_repo")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _tracking_store(tmp_path_factory):
-    """Components called directly log to a throwaway MLflow store, never to ./mlruns."""
+@contextlib.contextmanager
+def sqlite_registry(folder: Path, experiment: str = "t"):
+    """Point MLflow at a fresh SQLite store in ``folder`` with ``experiment`` active, its
+    artifacts under ``folder`` too (MLflow's default would be ./mlruns); restores the
+    previous tracking URI after."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=(folder / "artifacts").resolve().as_uri())
+    mlflow.set_experiment(experiment_name=experiment)  # not the id another test's store left active
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_store(tmp_path_factory):
+    """Components called directly log to a throwaway MLflow store; nothing may appear in
+    the working directory (a stray ./mlruns fails the session)."""
+    before = {p.name for p in Path.cwd().iterdir()}
+    with sqlite_registry(tmp_path_factory.mktemp("mlflow"), "Default") as uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        yield
+    stray = sorted({p.name for p in Path.cwd().iterdir()} - before)
+    assert not stray, f"the tests wrote {stray} into {Path.cwd()}"
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from components.lm import generate, load, prompt_ids
 from components.measure import jaccard
 from components.reports import CompressReport, ModelMetrics, VariantReport
 from tests.components.conftest import chat_examples
+from tests.conftest import sqlite_registry
 
 
 # ---------------------------------------------------------------- pure parts
@@ -257,11 +258,8 @@ def _register(root: Path, tiny_run: dict, compress_dir: Path, name: str):
 
 @pytest.fixture
 def registry_in(tmp_path):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_name="compress")  # not the experiment id another test's store left active
-    yield
-    mlflow.set_tracking_uri(previous)
+    with sqlite_registry(tmp_path, "compress"):
+        yield
 
 
 def test_registered_version_holds_the_chosen_variant(compressed, tmp_path, registry_in):

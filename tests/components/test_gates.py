@@ -18,7 +18,7 @@ from components.reports import CompressReport, EvaluationReport, GateReport, Mod
 from components.task import AnswerSchema, TaskSpec, build_messages
 from llmops.spec import SpecError, load_spec
 from tests.components.conftest import ARTICLE_IDS, triage_examples
-from tests.conftest import REPO
+from tests.conftest import REPO, sqlite_registry
 
 
 def metrics(**flat) -> ModelMetrics:
@@ -298,11 +298,8 @@ def _register_spec(name):
 
 @pytest.fixture
 def empty_registry(tmp_path):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_name="gates")  # not the experiment id another test's store left active
-    yield
-    mlflow.set_tracking_uri(previous)
+    with sqlite_registry(tmp_path, "gates"):
+        yield
 
 
 def test_stage_on_a_tiny_model(tiny_run, tmp_path, empty_registry):

@@ -16,7 +16,7 @@ from components.register import RegisterSpec
 from components.register import run as register
 from components.reports import GateReport, RegistrationReport
 from components.task import TaskSpec
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, sqlite_registry
 
 NAME = "triage-promote"
 
@@ -32,13 +32,9 @@ def gate_report(tiny_run, status: str) -> GateReport:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_name="t")
     monkeypatch.setenv("LLMOPS_ACTOR", "ci-bot")
-    yield uri
-    mlflow.set_tracking_uri(previous)
+    with sqlite_registry(tmp_path) as uri:
+        yield uri
 
 
 def new_version(tiny_run, folder, status: str) -> StageIO:

@@ -13,16 +13,19 @@ from components.register import RegisterSpec, run
 from components.reports import EvaluationReport
 from components.task import TaskSpec
 from tests.components.conftest import ARTICLE_IDS
+from tests.conftest import sqlite_registry
 
 
 @pytest.fixture(scope="module")
 def registered(tiny_run, tmp_path_factory):
     """The tiny run's adapter, registered twice in a fresh SQLite registry."""
-    root = tiny_run["root"]
     work = tmp_path_factory.mktemp("register")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_name="t")
+    with sqlite_registry(work):
+        yield _register_twice(tiny_run, work)
+
+
+def _register_twice(tiny_run, work):
+    root = tiny_run["root"]
     results = []
     for i in (1, 2):
         out = work / f"register{i}"
@@ -32,9 +35,8 @@ def registered(tiny_run, tmp_path_factory):
                      sections={"finetune": tiny_run["finetune"], "task": TaskSpec()},
                      context={"git_commit": f"abc{i}", "spec_sha256": "f" * 64})
         results.append(run(RegisterSpec(model_name="triage-test"), io))
-    yield {"root": root, "work": work, "results": results, "eval": EvaluationReport.read(root / "evaluate"),
-           "splits": tiny_run["splits"], "tiny": tiny_run["tiny"], "finetune": tiny_run["finetune"]}
-    mlflow.set_tracking_uri(previous)
+    return {"root": root, "work": work, "results": results, "eval": EvaluationReport.read(root / "evaluate"),
+            "splits": tiny_run["splits"], "tiny": tiny_run["tiny"], "finetune": tiny_run["finetune"]}
 
 
 def test_versions_alias_and_tags(registered):
