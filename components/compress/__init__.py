@@ -11,7 +11,9 @@ Every variant descends from the fine-tuned model (base + adapter); variants.py b
     pruned        merged with the smallest weights zeroed (magnitude) or MLP channels removed
     distilled     a smaller student trained on merged's softened next-token distribution
 
-Each variant is measured in a fresh process (as serving loads it; in one process the thread
+A variant's parents are built first (``onnx`` before the ONNX variants); a parent that is not
+itself requested is a build step, not a candidate, and is not measured. Each candidate and
+the reference are measured in a fresh process (as serving loads it; in one process the thread
 pools of the models measured before keep spinning and halve the next one's speed), on the
 validation split, the same way (measure.py): size (MiB), load time, forward latency,
 tokens/s at batch 1 and batched, request latency, the task metrics, perplexity, and top-k
@@ -35,7 +37,8 @@ from components.compress.distill import DistilledSpec, distill
 from components.compress.measure import MeasureSpec, compare, cpu_flags, measure_alone
 from components.compress.report import BudgetSpec, render_report, select, write_plot
 from components.compress.variants import (REFERENCE, VARIANTS, BuildContext, Int8DynamicSpec, Int8StaticSpec,
-                                          PrunedSpec, WeightOnlySpec, build_order, calibration_prompts)
+                                          PrunedSpec, WeightOnlySpec, ancestors, build_order,
+                                          calibration_prompts)
 from components.reports import CompressReport, VariantReport
 from components.splits import read_examples
 from components.task import AnswerSchema
@@ -45,7 +48,9 @@ TOP_K = (1, 3, 5, 10)
 
 
 class CompressSpec(StrictModel):
-    variants: list[Literal[tuple(VARIANTS)]] = ["onnx", "int8_weight"]  # merged (the reference) always
+    # The candidates; merged (the reference) is always built and measured, and a candidate's
+    # parents (onnx for the ONNX variants) are built but measured only when listed.
+    variants: list[Literal[tuple(VARIANTS)]] = ["int8_weight"]
     objective: Literal["smallest", "fastest"] = "smallest"  # smallest: MiB on disk; fastest: tokens/s at batch 1
     budget: BudgetSpec = BudgetSpec()
     measure: MeasureSpec = MeasureSpec()
@@ -88,6 +93,11 @@ def run(cfg: CompressSpec, io: StageIO) -> StageResult:
         info = variant.build(ctx, out)
         build_s = round(time.perf_counter() - t0, 1)
         write_json(out / "variant.json", {"name": name, "parent": variant.parent, "build_s": build_s, **info})
+        if name != REFERENCE and name not in cfg.variants:
+            print(f"compress [{i}/{len(order)}] {name}: built in {build_s} s as a step towards "
+                  f"{', '.join(v for v in cfg.variants if name in ancestors(v))}; not measured (not a candidate)",
+                  flush=True)
+            continue
         print(f"compress [{i}/{len(order)}] {name}: built in {build_s} s, measuring on {len(examples)} chats",
               flush=True)
         numbers, tops[name] = measure_alone(out, examples, schema, cfg.measure, max(TOP_K))
@@ -104,8 +114,9 @@ def run(cfg: CompressSpec, io: StageIO) -> StageResult:
         parent = m["parent"]
         variants[name] = VariantReport(
             **m, jaccard_at={k: jaccard(tops[name], tops[REFERENCE], k) for k in TOP_K},
-            jaccard_at_1_vs_parent=jaccard(tops[name], tops[parent], 1) if parent else None,
-            vs_reference=compare(m, measured[REFERENCE]), vs_parent=compare(m, measured[parent]) if parent else {})
+            jaccard_at_1_vs_parent=jaccard(tops[name], tops[parent], 1) if parent in measured else None,
+            vs_reference=compare(m, measured[REFERENCE]),
+            vs_parent=compare(m, measured[parent]) if parent in measured else {})
     chosen, reason, broke = select(variants, cfg.budget, cfg.objective)
     variants = {n: v.model_copy(update={"budget_broken": broke.get(n, [])}) for n, v in variants.items()}
     report = CompressReport(chosen=chosen, reason=reason, reference=REFERENCE, objective=cfg.objective,

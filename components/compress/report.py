@@ -15,6 +15,9 @@ class BudgetSpec(StrictModel):
     exact_match_drop: float = Field(0.01, ge=0)  # at most this much below the reference (0.01 = 1 point)
     min_jaccard_at_1: float = Field(0.9, ge=0, le=1)  # top-1 next-token agreement with the reference
     max_perplexity_ratio: float | None = Field(None, ge=1)  # perplexity / reference perplexity; null: not checked
+    # tokens/s at batch 1 / the reference's: a variant must be at least this fast (a
+    # kernel without this CPU's instructions can make a small variant slow); null: not checked
+    min_speedup_batch1: float | None = Field(1.0, gt=0)
 
 
 def budget_breaks(m: VariantReport, reference: VariantReport, budget: BudgetSpec) -> list[str]:
@@ -29,6 +32,10 @@ def budget_breaks(m: VariantReport, reference: VariantReport, budget: BudgetSpec
         ratio = m.quality.perplexity / reference.quality.perplexity
         if ratio > budget.max_perplexity_ratio:
             broke.append(f"perplexity x{ratio:.3f} > x{budget.max_perplexity_ratio}")
+    if budget.min_speedup_batch1 is not None:
+        speedup = m.tokens_per_s_batch1 / reference.tokens_per_s_batch1
+        if speedup < budget.min_speedup_batch1:
+            broke.append(f"{speedup:.2f}x the tokens/s at batch 1 < {budget.min_speedup_batch1}x")
     return broke
 
 

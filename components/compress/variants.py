@@ -380,13 +380,18 @@ VARIANTS: dict[str, type] = {"merged": Merged, "onnx": Onnx, "int8_dynamic": Int
 REFERENCE = "merged"
 
 
+def ancestors(name: str) -> list[str]:
+    """``name`` and the variants it is built from, nearest first."""
+    chain = []
+    while name is not None:
+        chain.append(name)
+        name = VARIANTS[name].parent
+    return chain
+
+
 def build_order(requested: list[str]) -> list[str]:
     """The requested variants with the parents they are built from, parents first."""
-    wanted: set[str] = {REFERENCE}
-    for name in requested:
-        while name is not None:
-            wanted.add(name)
-            name = VARIANTS[name].parent
+    wanted = {REFERENCE}.union(*(ancestors(name) for name in requested))
     return [v for v in VARIANTS if v in wanted]
 
 

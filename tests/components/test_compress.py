@@ -88,6 +88,18 @@ def test_select_fastest_and_smallest_within_budget():
     assert chosen == "int4_weight" and broke["int8_dynamic"] == ["exact match -1.0 pts (budget -0.5)"]
 
 
+def test_a_small_variant_slower_than_merged_is_not_chosen():
+    # int8_weight with fp32 activations (accuracy_level 0) on an AVX2-only CPU: a third of
+    # the size, a fifth of the speed
+    report = {"merged": _variant(513.2, 11.6, 0.66, 1.0), "int8_weight": _variant(162.5, 2.2, 0.65),
+              "int8_dynamic": _variant(300.0, 15.1, 0.66)}
+    chosen, _, broke = select(report, BudgetSpec(), "smallest")
+    assert chosen == "int8_dynamic" and broke["int8_weight"] == ["0.19x the tokens/s at batch 1 < 1.0x"]
+    chosen, _, broke = select(report, BudgetSpec(min_speedup_batch1=1.5), "smallest")
+    assert chosen == "merged" and broke["int8_dynamic"] == ["1.30x the tokens/s at batch 1 < 1.5x"]
+    assert select(report, BudgetSpec(min_speedup_batch1=None), "smallest")[0] == "int8_weight"
+
+
 def test_select_falls_back_to_merged_and_names_every_broken_budget():
     report = {**REPORT, "int8_dynamic": _variant(212, 47, 0.89, j1=0.8), "int4_weight": _variant(173, 39, 0.80),
               "onnx": _variant(539, 32, 0.90, 1.0, 1.2)}
@@ -110,7 +122,7 @@ def test_spec_rejects_bad_settings():
     with pytest.raises(ValueError):
         CompressSpec(variants=["int3"])
     # the default builds only what can win; every variant stays one override away
-    assert CompressSpec().variants == ["onnx", "int8_weight"]
+    assert CompressSpec().variants == ["int8_weight"]
     assert CompressSpec(variants=list(VARIANTS)).variants == list(VARIANTS)
 
 
@@ -330,14 +342,18 @@ def neox_run(tiny, tmp_path_factory):
 
 
 def test_another_family_goes_through_compress_and_register(neox_run, tmp_path, registry_in):
-    cfg = CompressSpec(variants=["onnx", "int8_weight", "pruned", "distilled"], keep_variants=True,
+    # onnx is not listed: built as int8_weight's parent, not measured
+    cfg = CompressSpec(variants=["int8_weight", "pruned", "distilled"], keep_variants=True,
                        budget=BudgetSpec(min_jaccard_at_1=0.0, exact_match_drop=1.0),
                        measure=MeasureSpec(max_new_tokens=6, latency_requests=1, forward_repeats=1, batch_size=3),
                        pruned=PrunedSpec(method="structured", sparsity=0.25),
                        distilled=DistilledSpec(student=StudentSpec(layers=1), max_steps=2, batch_size=2))
     done = _compress(tmp_path, neox_run, cfg)
     report = done["report"]
-    assert set(report.variants) == {"merged", "onnx", "int8_weight", "pruned", "distilled"}
+    assert set(report.variants) == {"merged", "int8_weight", "pruned", "distilled"}
+    built = report.variants["int8_weight"]
+    assert built.parent == "onnx" and built.vs_parent == {} and built.jaccard_at_1_vs_parent is None
+    assert report.variants["pruned"].jaccard_at_1_vs_parent is not None  # a measured parent is compared
     variants = done["out"] / "variants"
     ids = list(range(5, 40))
     reference = _logits(variants / "merged", ids)
