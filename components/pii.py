@@ -30,6 +30,19 @@ def find_pii(text: str) -> list[str]:
             if any(is_pii(kind, m.group()) for m in pattern.finditer(text))]
 
 
+def redact_text(text: str) -> tuple[str, int]:
+    """``text`` with its PII replaced by [EMAIL], [CARD], [PHONE]; and how many were replaced."""
+    count = 0
+    for kind, pattern in PII_PATTERNS.items():
+        def repl(m: re.Match, kind: str = kind) -> str:
+            nonlocal count
+            hit = is_pii(kind, m.group())
+            count += hit
+            return f"[{kind}]" if hit else m.group()
+        text = pattern.sub(repl, text)
+    return text, count
+
+
 def redact_pii(tickets: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Replace PII in subject and body with [EMAIL], [CARD], [PHONE]; returns the count replaced."""
     count = 0
@@ -38,13 +51,8 @@ def redact_pii(tickets: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         nonlocal count
         if not isinstance(text, str):
             return text
-        for kind, pattern in PII_PATTERNS.items():
-            def repl(m: re.Match, kind: str = kind) -> str:
-                nonlocal count
-                hit = is_pii(kind, m.group())
-                count += hit
-                return f"[{kind}]" if hit else m.group()
-            text = pattern.sub(repl, text)
+        text, n = redact_text(text)
+        count += n
         return text
 
     out = tickets.copy()

@@ -2,7 +2,8 @@
 
 What a version holds (its artifacts, under ``model/``): the adapter (safetensors) and its
 tokenizer, ``llmops-model.json`` naming the base model by catalog entry and SHA-256 of its
-weights plus the prompt settings serving must use, and a model card (``README.md``). The
+weights plus the prompt settings serving must use and a golden example (the first
+validation chat, which serving answers before it takes traffic), and a model card (``README.md``). The
 base weights are referenced, not copied: a LoRA adapter is ~20 MB, the merged model
 ~540 MB per version, and the hash makes the reference exact (serving refuses other
 weights). When the pipeline has a compress stage, the variant it chose (e.g. ONNX int8) is
@@ -29,6 +30,7 @@ from components.base import StageError, StageIO, StageResult, StrictModel, file_
 from components.catalog import base_model_path, weights_sha256
 from components.reports import (CompressReport, EvaluationReport, GateReport, PrepareReport, RegistrationReport,
                                 TrainingReport)
+from components.splits import read_examples
 from components.task import AnswerSchema
 
 OUTPUTS = ("model",)
@@ -194,6 +196,7 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
                    "embedding_model": getattr(features_cfg, "embedding_model", None),
                    "feature_service": getattr(features_cfg, "feature_service", None)},
         "answer_schema": {"schema": schema.schema, "ordered": schema.ordered},
+        "golden": golden_example(io.inputs["prepare"]),
         "data_sha256": {s: m.sha256 for s, m in splits.splits.items()},
         "metrics": tagged | {"base_exact_match": evaluation.base.exact_match},
         "git_commit": io.context.get("git_commit", "unknown"),
@@ -248,6 +251,15 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
                f"(base `{ft_cfg.base_model}` sha256 {base_sha[:12]}, adapter {manifest['adapter_sha256'][:12]}).\n\n"
                + markdown_table([{"metric": k, "value": v} for k, v in manifest["metrics"].items()]))
     return StageResult(outputs={"model": package}, report=report, summary=summary)
+
+
+def golden_example(prepare_dir: Path) -> dict | None:
+    """The first validation chat (prompt and gold answer): serving's readiness check answers
+    it before the endpoint takes traffic."""
+    examples = read_examples(prepare_dir / "validation.jsonl")[:1]
+    if not examples:
+        return None
+    return {"messages": examples[0]["messages"][:-1], "answer": examples[0]["messages"][-1]["content"]}
 
 
 def _gates_digest(gates: GateReport) -> str:

@@ -265,15 +265,16 @@ class AnswerSchema:
         return counts
 
 
-def cannot_be_answer(text: str) -> bool:
-    """True once ``text`` can no longer become exactly one JSON object, whatever follows:
-    it starts with something other than ``{``, or an object closed and more text followed.
-    Generation stops such rows early; their score is the same (invalid), sooner."""
-    body = text.lstrip()
+def object_end(text: str) -> int | None:
+    """Where the JSON object that ``text`` starts with (after whitespace) closes: the index
+    just past its ``}``; None while it is still open. A string that does not start with
+    ``{`` ends at once (0)."""
+    offset = len(text) - len(text.lstrip())
+    body = text[offset:]
     if not body:
-        return False
+        return None
     if body[0] != "{":
-        return True
+        return 0
     depth, in_string, escaped = 0, False, False
     for i, ch in enumerate(body):
         if in_string:
@@ -291,8 +292,16 @@ def cannot_be_answer(text: str) -> bool:
         elif ch in "}]":
             depth -= 1
             if depth == 0:
-                return bool(body[i + 1:].strip())
-    return False
+                return offset + i + 1
+    return None
+
+
+def cannot_be_answer(text: str) -> bool:
+    """True once ``text`` can no longer become exactly one JSON object, whatever follows:
+    it starts with something other than ``{``, or an object closed and more text followed.
+    Generation stops such rows early; their score is the same (invalid), sooner."""
+    end = object_end(text)
+    return end == 0 or (end is not None and bool(text[end:].strip()))
 
 
 def _rate(k: int, n: int) -> float:

@@ -86,7 +86,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("register", register.run, ("prepare", "finetune", "evaluate"), register.OUTPUTS,
           "new MLflow model version (adapter + base model hash + model card + gate report + chosen compressed "
           "variant + answer schema), alias challenger",
-          input_files={"prepare": (METRICS_FILE, SCHEMA_FILE), "finetune": ("adapter", METRICS_FILE),
+          input_files={"prepare": (METRICS_FILE, SCHEMA_FILE, "validation.jsonl"),
+                       "finetune": ("adapter", METRICS_FILE),
                        "evaluate": (METRICS_FILE,), "compress": ("model", METRICS_FILE),
                        "gates": (METRICS_FILE,)},
           reads=("task", "finetune.base_model", "finetune.method", "features.top_k", "features.embedding_model",

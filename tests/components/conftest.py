@@ -1,31 +1,9 @@
-"""Fixtures of the component tests: a tiny model with SmolLM2's tokenizer, built here, and
-chats in the shape prepare writes."""
+"""Helpers of the component tests: chats in the shape prepare writes, and prepare/ folders
+(the tiny model and its run are fixtures in tests/conftest.py, shared with serving)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from tests.conftest import provisioned_models
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    smollm2 = provisioned_models() / "smollm2-135m-instruct"
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (smollm2 / name).exists():
-            shutil.copy(smollm2 / name, folder / name)
-    return folder
 
 
 def chat_examples(n: int, offset: int = 0) -> list[dict]:
@@ -43,8 +21,6 @@ def chat_examples(n: int, offset: int = 0) -> list[dict]:
                                                     + "x " * (i % 7)},
                         {"role": "assistant", "content": json.dumps(labels)}]})
     return out
-
-
 
 
 def triage_examples(n: int, offset: int = 0) -> list[dict]:
@@ -70,32 +46,6 @@ def triage_examples(n: int, offset: int = 0) -> list[dict]:
                     "messages": build_messages(row, TaskSpec(), articles)
                     + [{"role": "assistant", "content": answer_json(row, TaskSpec())}]})
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny, tmp_path_factory) -> dict:
-    """prepare/, finetune/ and evaluate/ folders as the stages leave them: the tiny model
-    fine-tuned for 3 steps on prompt-template chats and evaluated on 6 test chats."""
-    from components.base import StageIO
-    from components.evaluate import EvaluateSpec
-    from components.evaluate import run as evaluate
-    from components.finetune import FinetuneSpec, fit
-    from components.reports import TrainingReport
-
-    root = tmp_path_factory.mktemp("tiny-run")
-    splits = write_prepared(root / "prepare", {"train": triage_examples(12, 100),
-                                               "validation": triage_examples(4, 200), "test": triage_examples(6)})
-    ft_cfg = FinetuneSpec(base_model=str(tiny), max_steps=3, batch_size=4, warmup_steps=1, eval_every=3,
-                          eval_examples=4, seed=1)
-    TrainingReport(**fit(ft_cfg, str(tiny), triage_examples(12, 100), triage_examples(4, 200), root / "finetune",
-                         root / "ckpt", progress=False)).write(root / "finetune")
-    (root / "evaluate").mkdir()
-    eval_cfg = EvaluateSpec(batch_size=3, max_new_tokens=8, latency_requests=1)
-    result = evaluate(eval_cfg, StageIO(pipeline="t", out_dir=root / "evaluate", state_dir=root / "state",
-                                        inputs={"prepare": root / "prepare", "finetune": root / "finetune"},
-                                        sections={"finetune": ft_cfg}))
-    result.report.write(root / "evaluate")
-    return {"root": root, "finetune": ft_cfg, "evaluate": eval_cfg, "splits": splits, "tiny": tiny}
 
 
 ARTICLE_IDS = ["KB-101", "KB-102", "KB-201"]
