@@ -1,8 +1,8 @@
 """The `llmops` command line: run pipelines, single stages, and the tools around them.
 
-Commands live in three modules: this one (run, stage, config, task), cli_models.py (the
+Commands live in four modules: this one (run, stage, config, task), cli_models.py (the
 model catalog, the registry: list, audit, promote, rollback) and cli_data.py (demo data,
-Feast, dvc.yaml); cli_common.py holds what they share.
+Feast, dvc.yaml) and cli_serve.py (serve); cli_common.py holds what they share.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rich.table import Table
 
 from components.base import StageError
 from components.catalog import ModelError
-from llmops import cli_data, cli_models  # noqa: F401 - they register their commands on the apps
+from llmops import cli_data, cli_models, cli_serve  # noqa: F401 - they register their commands on the apps
 from llmops.cli_common import (DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _fail, _load, _root, app, config_app,
                                console, out, task_app)
 from llmops.spec import SpecError

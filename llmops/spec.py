@@ -26,6 +26,7 @@ from components.promote import PromoteSpec
 from components.register import RegisterSpec
 from components.task import TaskSpec
 from components.validate import ValidateSpec
+from serving.settings import ServeSpec
 from llmops.spec_errors import format_errors
 from llmops.stages import STAGES
 
@@ -79,6 +80,7 @@ class PipelineSpec(StrictModel):
     gates: GatesSpec = GatesSpec()
     register_: RegisterSpec = Field(RegisterSpec(), alias="register")  # `register` is taken (ABC)
     promote: PromoteSpec = PromoteSpec()
+    serve: ServeSpec = ServeSpec()  # the endpoint (llmops serve); not a stage
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
 

@@ -1,0 +1,81 @@
+"""`llmops serve`: the endpoint for a registered version (see serving/)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmops.cli_common import DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _fail, _load, _root, app, console
+
+
+@app.command()
+def serve(
+    file: SpecFile = Path(DEFAULT_SPEC),
+    pipeline: PipelineOpt = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Registered version: name@alias or name/version (default: serve.model, else "
+                              "<register.model_name>@champion).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default: serve.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default: serve.port).")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Serve a registered model version over HTTP (OpenAI-compatible chat completions,
+    health, readiness, metrics) until interrupted."""
+    from components.catalog import ModelError
+    from components.registry import RegistryError
+    from llmops.runner import configure_environment
+    from serving.settings import load_keys
+
+    spec = _load(file, overrides, pipeline)
+    _, pipe = spec.pipeline(pipeline)
+    cfg = pipe.serve
+    root = _root(file)
+    configure_environment(spec, root)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        keys = load_keys(cfg, root)
+    except ValueError as exc:
+        _fail(str(exc))
+    from serving.model import ModelRef, load_version
+
+    try:
+        ref = ModelRef.parse(model or cfg.model or f"{pipe.register_.model_name}@champion")
+    except ValueError as exc:
+        _fail(f"--model {exc}")
+    try:
+        with console.status(f"loading {ref} ..."):
+            served = load_version(ref, spec.models, spec.state_dir(root))
+    except (RegistryError, ModelError) as exc:
+        _fail(str(exc), code=1)
+
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.engine import Engine
+    from serving.records import RequestLog
+
+    b = cfg.batching
+    engine = Engine(served.tokenizer, served.model, b.max_batch_size, b.max_wait_ms, b.max_queue).start()
+    log = None
+    if cfg.request_log.enabled:
+        folder = Path(cfg.request_log.folder) if cfg.request_log.folder else \
+            spec.state_dir(root) / "serving" / "requests" / served.name
+        log = RequestLog(folder if folder.is_absolute() else root / folder, cfg.request_log.max_file_mib,
+                         cfg.request_log.max_queue, cfg.request_log.redact_pii)
+    application = create_app(served, engine, cfg, keys, log)
+    bind_host, bind_port = host or cfg.host, port or cfg.port
+    console.print(f"serving {served.id} ({ref}, {served.variant}) loaded in {served.load_s} s from {served.folder}",
+                  highlight=False)
+    console.print(f"  http://{bind_host}:{bind_port}/v1/chat/completions  (/v1/models /health /ready /metrics); "
+                  f"API keys: {f'{len(keys)} configured' if keys else 'none needed'}; batches of up to "
+                  f"{b.max_batch_size}, queue {b.max_queue}; request log: {log.folder if log else 'off'}",
+                  highlight=False)
+    try:
+        uvicorn.run(application, host=bind_host, port=bind_port, log_level="warning", access_log=False)
+    finally:
+        engine.stop()
+        if log is not None:
+            log.close()

@@ -1,0 +1,147 @@
+"""What the endpoint remembers: answers it can reuse (the response cache) and every request
+it answered (the request log that monitoring reads).
+
+The cache holds greedy answers only (temperature 0: the same prompt gives the same answer),
+keyed by the model version and the full prompt's token ids plus what shapes the answer
+(max_tokens, stop strings, JSON mode). A prompt holds everything the answer depends on, so
+two different prompts never share an answer; another version never matches a key.
+
+The request log appends one JSON line per request to ``requests-<UTC hour>.jsonl`` files in
+its folder (a new file each hour, or sooner when one passes ``max_file_mib``), written by a
+background thread: answering never waits for the disk. When its queue is full a record is
+dropped and counted (``dropped``, and the endpoint's metrics), never silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cachetools import TTLCache
+
+from components.pii import redact_text
+
+
+class ResponseCache:
+    """A bounded, expiring map from request keys to finished answers (thread-safe)."""
+
+    def __init__(self, max_entries: int, ttl_s: float):
+        self.enabled = max_entries > 0
+        self._entries: TTLCache = TTLCache(maxsize=max(1, max_entries), ttl=ttl_s)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(model_id: str, prompt_ids: list[int], max_tokens: int, stop: list[str], json_only: bool) -> str:
+        raw = json.dumps([model_id, prompt_ids, max_tokens, sorted(stop), json_only], separators=(",", ":"))
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def get(self, key: str):
+        if not self.enabled:
+            return None
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: str, value) -> None:
+        if self.enabled:
+            with self._lock:
+                self._entries[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+class RequestLog:
+    """Request records appended as JSON lines by a background thread."""
+
+    def __init__(self, folder: Path, max_file_mib: float = 64, max_queue: int = 10_000, redact: bool = False):
+        self.folder, self.max_bytes, self.redact = folder, int(max_file_mib * 2**20), redact
+        folder.mkdir(parents=True, exist_ok=True)
+        self.written = self.dropped = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._part = 0
+        self._hour = ""
+        self._thread = threading.Thread(target=self._drain, name="llmops-request-log", daemon=True)
+        self._thread.start()
+
+    def append(self, record: dict) -> bool:
+        """Queue ``record``; False (and counted in ``dropped``) when the queue is full."""
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued, then stop the writer."""
+        self._queue.put(None)
+        self._thread.join(timeout=timeout_s)
+
+    def path(self) -> Path:
+        """The file the next record goes to: this hour's, a new part once it is full."""
+        hour = datetime.now(timezone.utc).strftime("%Y%m%dT%H")
+        if hour != self._hour:
+            self._hour, self._part = hour, 0
+        current = self.folder / f"requests-{hour}{f'.{self._part}' if self._part else ''}.jsonl"
+        if current.exists() and current.stat().st_size >= self.max_bytes:
+            self._part += 1
+            return self.path()
+        return current
+
+    def _drain(self) -> None:
+        while True:
+            record = self._queue.get()
+            if record is None:
+                return
+            batch = [record]
+            while len(batch) < 256:  # what else is waiting goes in the same write
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._write(batch)
+                    return
+                batch.append(nxt)
+            self._write(batch)
+
+    def _write(self, batch: list[dict]) -> None:
+        lines = []
+        for record in batch:
+            if self.redact:
+                record = redact_record(record)
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            with self.path().open("a", encoding="utf-8") as f:
+                f.writelines(lines)
+            self.written += len(lines)
+        except OSError:
+            self.dropped += len(lines)
+
+
+def redact_record(record: dict) -> dict:
+    """The record with PII replaced in its messages' contents and its answer."""
+    out = dict(record)
+    if isinstance(out.get("answer"), str):
+        out["answer"] = redact_text(out["answer"])[0]
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [m | {"content": redact_text(m["content"])[0]} if isinstance(m.get("content"), str) else m
+                           for m in out["messages"]]
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def elapsed_ms(since: float) -> float:
+    return round(1000 * (time.perf_counter() - since), 1)

@@ -1,0 +1,79 @@
+"""The ``serve`` section of a pipeline in pipelines.yaml, and where API keys come from."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from components.base import StrictModel
+
+
+class BatchingSpec(StrictModel):
+    max_batch_size: int = Field(8, ge=1, le=256)  # requests generated together
+    max_wait_ms: float = Field(10.0, ge=0)  # how long a request waits for others to join its batch
+    max_queue: int = Field(64, ge=1)  # requests waiting beyond this are refused (429, Retry-After)
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After of a refusal
+
+
+class LimitsSpec(StrictModel):
+    max_body_bytes: int = Field(65_536, ge=1024)  # larger request bodies: 413
+    max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts: 400
+    max_tokens: int = Field(256, ge=1)  # the most a request may ask to generate: 400 beyond
+    default_max_tokens: int = Field(64, ge=1)  # when a request names none (a triage answer is ~30)
+    request_timeout_s: float = Field(60.0, gt=0)  # no answer by then: 504; the engine drops the request
+
+
+class CacheSpec(StrictModel):
+    max_entries: int = Field(1024, ge=0)  # greedy answers kept (least recently used go first); 0: no cache
+    ttl_s: float = Field(3600.0, gt=0)  # an answer older than this is generated again
+
+
+class RequestLogSpec(StrictModel):
+    enabled: bool = True  # every request and answer as a JSON line (what monitoring reads)
+    folder: str | None = None  # null: <state_dir>/serving/requests/<model name>
+    max_file_mib: float = Field(64.0, gt=0)  # a new file each UTC hour, or sooner past this size
+    max_queue: int = Field(10_000, ge=1)  # records waiting for the writer; beyond: dropped and counted
+    redact_pii: bool = False  # replace e-mail addresses, card and phone numbers as validation does
+
+
+class ServeSpec(StrictModel):
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set keys first
+    port: int = Field(8000, ge=1, le=65535)
+    model: str | None = None  # name@alias or name/version; null: <register.model_name>@champion
+    # API keys: "id:key" entries (comma or newline separated) in this environment variable,
+    # or one per line in api_keys_file (kept out of git). None set: no key is needed.
+    api_keys_env: str = "LLMOPS_API_KEYS"
+    api_keys_file: str | None = None
+    batching: BatchingSpec = BatchingSpec()
+    limits: LimitsSpec = LimitsSpec()
+    cache: CacheSpec = CacheSpec()
+    request_log: RequestLogSpec = RequestLogSpec()
+
+
+def parse_keys(text: str, where: str) -> dict[str, str]:
+    """key id -> secret from ``id:key`` entries; a bare key gets an id from its hash (so logs
+    can name the caller without holding the key). ValueError names a bad entry."""
+    keys: dict[str, str] = {}
+    for n, entry in enumerate(e.strip() for e in text.replace("\n", ",").split(",")):
+        if not entry or entry.startswith("#"):
+            continue
+        key_id, secret = entry.split(":", 1) if ":" in entry else ("", entry)
+        key_id = key_id.strip() or f"key-{hashlib.sha256(secret.encode()).hexdigest()[:8]}"
+        if len(secret.strip()) < 16:
+            raise ValueError(f"{where}: entry {n + 1} ({key_id}): a key must have at least 16 characters")
+        keys[key_id] = secret.strip()
+    return keys
+
+
+def load_keys(spec: ServeSpec, root: Path) -> dict[str, str]:
+    """The configured API keys (empty: none needed), from the environment and the key file."""
+    keys = parse_keys(os.environ.get(spec.api_keys_env, ""), f"${spec.api_keys_env}")
+    if spec.api_keys_file:
+        path = Path(spec.api_keys_file)
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise ValueError(f"serve.api_keys_file: {path} does not exist")
+        keys |= parse_keys(path.read_text(encoding="utf-8"), str(path))
+    return keys

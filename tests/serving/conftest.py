@@ -1,0 +1,116 @@
+"""Fixtures of the endpoint tests: the tiny run registered and promoted to champion in a
+SQLite registry of its own, loaded as serving loads it, and a live HTTP server on 127.0.0.1."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import sqlite_registry
+
+NAME = "triage-serve"
+
+
+@pytest.fixture(scope="session")
+def champion(tiny_run, tmp_path_factory):
+    """The tiny run as version 1 of triage-serve, champion; the registry's URI and state folder."""
+    from components import registry
+    from components.base import StageIO
+    from components.register import RegisterSpec
+    from components.register import run as register
+    from components.task import TaskSpec
+
+    root = tiny_run["root"]
+    work = tmp_path_factory.mktemp("serve-registry")
+    with sqlite_registry(work) as uri:
+        (work / "register").mkdir()
+        register(RegisterSpec(model_name=NAME),
+                 StageIO(pipeline="t", out_dir=work / "register", state_dir=work / "state",
+                         inputs={s: root / s for s in ("prepare", "finetune", "evaluate")},
+                         sections={"finetune": tiny_run["finetune"], "task": TaskSpec()}))
+        registry.promote(registry.client(), NAME, 1, "the serving tests' champion")
+    return {"uri": uri, "state": work / "state", "work": work}
+
+
+@pytest.fixture(scope="session")
+def served(champion):
+    """The champion loaded as `llmops serve` loads it (fetched, hashes checked)."""
+    from serving.model import ModelRef, load_version
+
+    with sqlite_registry(champion["work"]):
+        return load_version(ModelRef.parse(f"{NAME}@champion"), {}, champion["state"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 in a thread, for a real HTTP client."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def wait_ready(self, timeout: float = 60.0) -> httpx.Response:
+        """/ready once it no longer says the golden prompt is pending."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = httpx.get(f"{self.url}/ready")
+            if "not been answered yet" not in r.text or time.monotonic() > deadline:
+                return r
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def serve_app(served):
+    """Start an app around ``served`` with an engine of its own: ``serve_app(spec=..., keys=...)``
+    returns a LiveServer (context manager); engines stop at teardown."""
+    from serving.app import create_app
+    from serving.engine import Engine
+    from serving.settings import ServeSpec
+
+    engines = []
+
+    def make(spec: ServeSpec | None = None, keys: dict | None = None, model=None, start: bool = True, log=None):
+        spec = spec or ServeSpec()
+        b = spec.batching
+        engine = Engine(served.tokenizer, model or served.model, b.max_batch_size, b.max_wait_ms, b.max_queue)
+        if start:
+            engine.start()
+            engines.append(engine)
+        return LiveServer(create_app(model_view(served, model), engine, spec, keys, log))
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def model_view(served, model):
+    if model is None:
+        return served
+    from dataclasses import replace
+
+    return replace(served, model=model)

@@ -1,0 +1,214 @@
+"""The endpoint on the tiny champion: a real server on 127.0.0.1, the official openai SDK
+and plain HTTP; every refusal with its status and reason."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+
+from components.lm import prompt_ids
+from serving.engine import Engine
+from serving.settings import LimitsSpec, ServeSpec
+from tests.serving.conftest import NAME
+
+MESSAGES = [{"role": "system", "content": "Triage the ticket."},
+            {"role": "user", "content": "I was billed twice for my Boards plan."}]
+
+
+def direct(served, messages=MESSAGES, max_tokens=12, **kwargs) -> str:
+    """The greedy answer of an engine of its own, called in-process (no HTTP)."""
+    engine = Engine(served.tokenizer, served.model).start()
+    try:
+        return engine.complete(prompt_ids(messages, served.tokenizer), max_tokens, **kwargs).text
+    finally:
+        engine.stop()
+
+
+def test_openai_sdk_plain_and_streaming(served, serve_app):
+    expected = direct(served)
+    with serve_app() as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0)
+        reply = client.chat.completions.create(model=f"{NAME}/1", messages=MESSAGES, max_tokens=12)
+        assert reply.choices[0].message.content == expected and reply.model == f"{NAME}/1"
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert 0 < reply.usage.completion_tokens <= 12
+        assert reply.usage.prompt_tokens == len(prompt_ids(MESSAGES, served.tokenizer))
+        chunks = list(client.chat.completions.create(model=f"{NAME}@champion", messages=MESSAGES, max_tokens=12,
+                                                     stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == expected
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+        assert [m.id for m in client.models.list().data] == [f"{NAME}/1"]
+
+
+def test_greedy_answers_are_the_same_batched_as_alone(served):
+    prompts = [[{"role": "user", "content": text}] for text in
+               ("Refund please.", "I cannot log in to the sync app since this morning, help!", "Crash on start.",
+                "Please add dark mode to the boards, our whole team of forty people would like it.")]
+    alone = [direct(served, p, max_tokens=10) for p in prompts]
+    engine = Engine(served.tokenizer, served.model, max_batch_size=8, max_wait_ms=2000)
+    import queue
+    results: queue.Queue = queue.Queue()
+    from serving.engine import Request
+
+    for i, p in enumerate(prompts):  # queued before the engine starts: one batch of four
+        engine.submit(Request(prompt_ids(p, served.tokenizer), 10, emit=lambda e, i=i: e[0] == "done" and
+                              results.put((i, e[1]))))
+    engine.start()
+    try:
+        done = dict(results.get(timeout=60) for _ in prompts)
+    finally:
+        engine.stop()
+    assert [done[i].text for i in range(len(prompts))] == alone
+    assert {d.batch_size for d in done.values()} == {4} and engine.batch_sizes == [4]
+
+
+def test_stop_strings_and_max_tokens(served):
+    full = direct(served, max_tokens=16)
+    assert len(full) > 4, full
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert direct(served, max_tokens=16, stop=[stop]) == full[:full.index(stop)]
+    engine = Engine(served.tokenizer, served.model).start()
+    try:
+        short = engine.complete(prompt_ids(MESSAGES, served.tokenizer), 3)
+    finally:
+        engine.stop()
+    assert short.completion_tokens == 3 and short.finish_reason == "length" and full.startswith(short.text)
+
+
+def test_refusals_name_what_is_wrong(serve_app):
+    spec = ServeSpec(limits=LimitsSpec(max_prompt_tokens=40, max_tokens=32, max_body_bytes=2048))
+    ok = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ({**ok, "model": "other"}, 404, "model 'other' is not served here", "model"),
+        ({**ok, "messages": []}, 422, "messages: List should have at least 1 item", "messages"),
+        ({**ok, "messages": [{"role": "robot", "content": "x"}]}, 422, "messages.0.role: Input should be", None),
+        ({**ok, "temperature": 5}, 422, "temperature: Input should be less than or equal to 2", "temperature"),
+        ({**ok, "n": 2}, 422, "n: Input should be less than or equal to 1", "n"),
+        ({**ok, "max_tokens": 33}, 400, "max_tokens 33 exceeds the limit of 32", "max_tokens"),
+        ({**ok, "messages": [{"role": "user", "content": "word " * 60}]}, 400, "the limit is 40", "messages"),
+        ({**ok, "messages": [{"role": "user", "content": "x" * 3000}]}, 413, "exceeds the limit of 2048", None),
+    ]
+    with serve_app(spec) as server:
+        for body, status, message, param in cases:
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+            assert r.status_code == status, (body, r.text)
+            error = r.json()["error"]
+            assert message in error["message"], (message, error)
+            assert param is None or error["param"] == param
+            assert "Traceback" not in r.text
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type":
+                                                                                            "application/json"})
+        assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=ok).status_code == 200  # still answering
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'llmops_requests_total{route="/v1/chat/completions",status="404"} 1.0' in metrics
+    assert 'llmops_rejected_total{reason="body_too_large"} 1.0' in metrics
+    assert "llmops_time_to_first_token_seconds_count 1.0" in metrics and "llmops_generated_tokens_total" in metrics
+
+
+def test_api_keys(serve_app):
+    secret = "s3cret-key-for-the-tests"
+    with serve_app(keys={"ci": secret}) as server:
+        url = f"{server.url}/v1/chat/completions"
+        body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        missing = httpx.post(url, json=body)
+        wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer not-the-key-at-all"})
+        assert (missing.status_code, wrong.status_code) == (401, 401)
+        assert missing.json()["error"]["code"] == "missing_api_key"
+        assert wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0)
+        assert client.chat.completions.create(**body).usage.completion_tokens > 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong-wrong-wrong", max_retries=0) \
+                .chat.completions.create(**body)
+
+
+def test_a_full_queue_answers_429_and_a_slow_answer_504(serve_app):
+    # the engine is not started: the golden prompt and the first request wait in the queue
+    # (2 places) until their timeout; the second finds it full
+    spec = ServeSpec(batching={"max_queue": 2, "retry_after_s": 3}, limits={"request_timeout_s": 1.5})
+    body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with serve_app(spec, start=False) as server:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=30)
+            import time
+            time.sleep(0.5)
+            second = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+            assert second.status_code == 429 and second.headers["retry-after"] == "3"
+            assert second.json()["error"]["code"] == "queue_full"
+            r = first.result()
+        assert r.status_code == 504 and "no answer within 2 s" in r.json()["error"]["message"]
+        ready = httpx.get(f"{server.url}/ready")
+        assert ready.status_code == 503 and "the engine thread stopped" in ready.json()["reason"]
+
+
+def test_ready_needs_a_valid_golden_answer(served, serve_app):
+    # the tiny model answers the golden chat with noise: not ready, and /ready says why
+    with serve_app() as server:
+        r = server.wait_ready()
+        assert r.status_code == 503 and "the golden prompt's answer is not valid" in r.json()["reason"]
+        assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_ready_then_503_when_the_engine_fails(served, serve_app):
+    # a version without a golden example (registered before they existed) needs any answer
+    older = replace(served, manifest={k: v for k, v in served.manifest.items() if k != "golden"})
+
+    class Faulty:
+        """The model, until ``broken`` is set: then generate raises."""
+        broken = False
+
+        def __getattr__(self, name):
+            return getattr(served.model, name)
+
+        def generate(self, **kwargs):
+            if self.broken:
+                raise RuntimeError("injected engine fault")
+            return served.model.generate(**kwargs)
+
+    faulty = Faulty()
+    from serving.app import create_app
+    from tests.serving.conftest import LiveServer
+
+    engine = Engine(served.tokenizer, faulty).start()
+    try:
+        with LiveServer(create_app(older, engine, ServeSpec())) as server:
+            assert server.wait_ready().json() == {"status": "ready", "model": f"{NAME}/1", "variant": older.variant}
+            faulty.broken = True
+            body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+            assert r.status_code == 500 and "injected engine fault" in r.json()["error"]["message"]
+            ready = httpx.get(f"{server.url}/ready")
+            assert ready.status_code == 503 and "injected engine fault" in ready.json()["reason"]
+            faulty.broken = False
+            assert httpx.post(f"{server.url}/v1/chat/completions", json=body).status_code == 200
+            assert httpx.get(f"{server.url}/ready").status_code == 200  # recovered
+    finally:
+        engine.stop()
+
+
+def test_json_response_format_reports_validity(served, serve_app):
+    body = {"model": f"{NAME}/1", "messages": MESSAGES, "max_tokens": 24, "response_format": {"type": "json_object"}}
+    schema = {"type": "object", "properties": {"intent": {"enum": ["billing_refund"]}}, "required": ["intent"]}
+    with serve_app() as server:
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        check = r.json()["llmops"]
+        content = r.json()["choices"][0]["message"]["content"]
+        try:
+            valid = isinstance(json.loads(content), dict)
+        except json.JSONDecodeError:
+            valid = False
+        assert check["valid"] is valid and bool(check["errors"]) is not valid
+        r = httpx.post(f"{server.url}/v1/chat/completions",
+                       json=body | {"response_format": {"type": "json_schema",
+                                                        "json_schema": {"name": "t", "schema": schema}}})
+        assert r.status_code == 200 and r.json()["llmops"]["valid"] is False
