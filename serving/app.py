@@ -35,6 +35,7 @@ from components.lm import prompt_ids
 from serving.engine import Engine, Finished, QueueFull, Request
 from serving.model import ServedModel
 from serving.protocol import ApiError, ChatRequest, ResponseFormat, error_body
+from serving.quota import Quota
 from serving.records import RequestLog, ResponseCache, elapsed_ms, now_iso
 from serving.settings import ServeSpec
 
@@ -100,6 +101,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
     app = FastAPI(title="llmops endpoint", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = Metrics()
     cache = ResponseCache(spec.cache.max_entries, spec.cache.ttl_s)
+    quota = Quota(spec.rate_limits.requests_per_minute, spec.rate_limits.tokens_per_minute)
     app.state.cache = cache
     engine.on_batch = lambda size, seconds: metrics.batch.observe(size)
     app.state.served, app.state.engine, app.state.readiness, app.state.metrics = served, engine, state, metrics
@@ -130,6 +132,9 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
         if route.startswith("/v1/"):
             try:
                 _check_key(request, keys)
+                request.state.caller = getattr(request.state, "key_id", None) or f"ip:{request.client.host}"
+                if request.method == "POST":
+                    _check_quota(quota.admit(request.state.caller), request.state.caller)
                 length = int(request.headers.get("content-length") or 0)
                 if length > spec.limits.max_body_bytes:
                     raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
@@ -187,6 +192,11 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
         if max_tokens > spec.limits.max_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {spec.limits.max_tokens} "
                                 "(serve.limits.max_tokens)", param="max_tokens", code="max_tokens_too_large")
+        try:
+            _check_quota(quota.admit_tokens(request.state.caller, len(ids)), request.state.caller)
+        except ApiError:
+            metrics.rejected.labels("rate_limited").inc()
+            raise
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         wants_json = body.response_format is not None and body.response_format.type != "text"
         started, completion_id, created = time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -215,6 +225,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
             check = json_check(done.text, body.response_format, served) if done and wants_json else None
             if done is not None and hit is None:
                 _observe(metrics, done)
+                quota.spend(request.state.caller, done.prompt_tokens + done.completion_tokens)
                 if key is not None:
                     cache.put(key, done)
             if log is not None:
@@ -299,6 +310,14 @@ def _check_key(request: HttpRequest, keys: dict[str, str] | None) -> None:
     if not matched:
         raise ApiError(401, "invalid API key", kind="authentication_error", code="invalid_api_key")
     request.state.key_id = matched[0]
+
+
+def _check_quota(over: tuple[str, int] | None, caller: str) -> None:
+    if over is not None:
+        what, retry_after = over
+        raise ApiError(429, f"rate limit of {what} reached for {caller}; retry in {retry_after} s "
+                            "(serve.rate_limits)", kind="rate_limit_error", code="rate_limited",
+                       headers={"Retry-After": str(retry_after)})
 
 
 async def _wait(job: Request, events: asyncio.Queue, timeout_s: float) -> Finished:

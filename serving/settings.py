@@ -25,6 +25,13 @@ class LimitsSpec(StrictModel):
     request_timeout_s: float = Field(60.0, gt=0)  # no answer by then: 504; the engine drops the request
 
 
+class RateLimitSpec(StrictModel):
+    # Per API key (per client address without keys), in a moving one-minute window: 429
+    # with Retry-After beyond. null: no limit.
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + generated tokens (cache hits cost none)
+
+
 class CacheSpec(StrictModel):
     max_entries: int = Field(1024, ge=0)  # greedy answers kept (least recently used go first); 0: no cache
     ttl_s: float = Field(3600.0, gt=0)  # an answer older than this is generated again
@@ -48,6 +55,7 @@ class ServeSpec(StrictModel):
     api_keys_file: str | None = None
     batching: BatchingSpec = BatchingSpec()
     limits: LimitsSpec = LimitsSpec()
+    rate_limits: RateLimitSpec = RateLimitSpec()
     cache: CacheSpec = CacheSpec()
     request_log: RequestLogSpec = RequestLogSpec()
 

@@ -212,3 +212,31 @@ def test_json_response_format_reports_validity(served, serve_app):
                        json=body | {"response_format": {"type": "json_schema",
                                                         "json_schema": {"name": "t", "schema": schema}}})
         assert r.status_code == 200 and r.json()["llmops"]["valid"] is False
+
+
+def test_rate_limits_per_key(serve_app):
+    keys = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789ab"}
+    spec = ServeSpec(rate_limits={"requests_per_minute": 2})
+    body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with serve_app(spec, keys=keys) as server:
+        url = f"{server.url}/v1/chat/completions"
+        alice = [httpx.post(url, json=body, headers={"Authorization": f"Bearer {keys['alice']}"}) for _ in range(3)]
+        assert [r.status_code for r in alice] == [200, 200, 429]
+        error = alice[2].json()["error"]
+        assert error["code"] == "rate_limited" and "2 requests per minute reached for alice" in error["message"]
+        assert 1 <= int(alice[2].headers["retry-after"]) <= 60
+        assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {keys['bob']}"}).status_code == 200
+
+def test_token_rate_limit(served, serve_app):
+    # the first answer spends most of the minute's tokens; the same prompt no longer fits
+    messages = [{"role": "user", "content": "please triage this ticket " * 3}]
+    budget = int(1.5 * len(prompt_ids(messages, served.tokenizer)))
+    body = {"model": f"{NAME}/1", "messages": messages, "max_tokens": 2}
+    with serve_app(ServeSpec(rate_limits={"tokens_per_minute": budget})) as server:
+        url = f"{server.url}/v1/chat/completions"
+        first = httpx.post(url, json=body)
+        assert first.status_code == 200
+        second = httpx.post(url, json={**body, "max_tokens": 3})
+        assert second.status_code == 429 and f"{budget} tokens per minute reached for ip:127.0.0.1" in \
+            second.json()["error"]["message"]
+        assert 'llmops_rejected_total{reason="rate_limited"} 1.0' in httpx.get(f"{server.url}/metrics").text
