@@ -19,6 +19,9 @@ def serve(
                               "<register.model_name>@champion).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default: serve.host, 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: serve.port).")] = None,
+    weights: Annotated[str, typer.Option(
+        help="serving: the compressed variant the version holds (if any); adapter: base + adapter in "
+             "PyTorch fp32 (the uncompressed reference).")] = "serving",
     overrides: SetOpt = None,
 ) -> None:
     """Serve a registered model version over HTTP (OpenAI-compatible chat completions,
@@ -41,13 +44,15 @@ def serve(
         _fail(str(exc))
     from serving.model import ModelRef, load_version
 
+    if weights not in ("serving", "adapter"):
+        _fail(f"--weights must be serving or adapter (got {weights!r})")
     try:
         ref = ModelRef.parse(model or cfg.model or f"{pipe.register_.model_name}@champion")
     except ValueError as exc:
         _fail(f"--model {exc}")
     try:
         with console.status(f"loading {ref} ..."):
-            served = load_version(ref, spec.models, spec.state_dir(root))
+            served = load_version(ref, spec.models, spec.state_dir(root), weights)
     except (RegistryError, ModelError) as exc:
         _fail(str(exc), code=1)
 

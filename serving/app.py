@@ -132,7 +132,8 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
         if route.startswith("/v1/"):
             try:
                 _check_key(request, keys)
-                request.state.caller = getattr(request.state, "key_id", None) or f"ip:{request.client.host}"
+                request.state.caller = (getattr(request.state, "key_id", None)
+                                        or f"ip:{request.client.host if request.client else 'unknown'}")
                 if request.method == "POST":
                     _check_quota(quota.admit(request.state.caller), request.state.caller)
                 length = int(request.headers.get("content-length") or 0)

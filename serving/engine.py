@@ -36,7 +36,7 @@ class Finished:
     batch_size: int
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: equal prompts are still two requests
 class Request:
     prompt_ids: list[int]
     max_tokens: int

@@ -114,12 +114,14 @@ def fetch(ref: ModelRef, cache: Path) -> tuple[int, Path]:
     return number, folder
 
 
-def load_folder(folder: Path, catalog: dict, state_dir: Path) -> tuple[str, Any, Any]:
+def load_folder(folder: Path, catalog: dict, state_dir: Path, weights: str = "serving") -> tuple[str, Any, Any]:
     """(variant, tokenizer, model) from a version's folder, every file checked against the
-    manifest first. Raises ModelError naming the file at fault."""
+    manifest first. ``weights``: ``serving`` (the compressed variant when the version has
+    one) or ``adapter`` (always base + adapter, PyTorch fp32). Raises ModelError naming the
+    file at fault."""
     manifest = json.loads((folder / MANIFEST).read_text())
     serving = manifest.get("serving")
-    if serving:
+    if serving and weights == "serving":
         where = folder / serving.get("folder", "serving")
         tokenizer, model = load(where, expected_sha256=serving["files_sha256"])
         return serving["variant"], tokenizer, model
@@ -135,12 +137,13 @@ def load_folder(folder: Path, catalog: dict, state_dir: Path) -> tuple[str, Any,
     return "base+adapter", tokenizer, model
 
 
-def load_version(ref: ModelRef, catalog: dict, state_dir: Path) -> ServedModel:
-    """Fetch, check and load the version ``ref`` names. Raises RegistryError (no such model,
-    alias or version; registry unreachable) or ModelError (a file missing or altered)."""
+def load_version(ref: ModelRef, catalog: dict, state_dir: Path, weights: str = "serving") -> ServedModel:
+    """Fetch, check and load the version ``ref`` names (``weights``: see load_folder).
+    Raises RegistryError (no such model, alias or version; registry unreachable) or
+    ModelError (a file missing or altered)."""
     started = time.perf_counter()
     number, folder = fetch(ref, state_dir / "serving" / "versions")
-    variant, tokenizer, model = load_folder(folder, catalog, state_dir)
+    variant, tokenizer, model = load_folder(folder, catalog, state_dir, weights)
     manifest = json.loads((folder / MANIFEST).read_text())
     answer = manifest["answer_schema"]
     return ServedModel(name=ref.name, version=number, alias=ref.alias, variant=variant, manifest=manifest,
