@@ -42,10 +42,21 @@ from serving.settings import ServeSpec
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def metrics_in_memory() -> None:
+    """Keep metric values in this process's memory. Importing Feast sets
+    PROMETHEUS_MULTIPROC_DIR, which turns prometheus_client's values into files shared by
+    every metric of the same name in the process (and leaves a folder in /tmp): two apps in
+    one process (tests, a hot swap) would then count each other's requests."""
+    from prometheus_client import values
+
+    values.ValueClass = values.MutexValue
+
+
 class Metrics:
     """The endpoint's Prometheus metrics, in a registry of its own (one per app)."""
 
     def __init__(self) -> None:
+        metrics_in_memory()
         self.registry = r = CollectorRegistry()
         self.requests = Counter("llmops_requests", "Requests by route and status", ["route", "status"], registry=r)
         self.latency = Histogram("llmops_request_seconds", "Request latency", ["route"], buckets=LATENCY_BUCKETS,
@@ -149,7 +160,8 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
         response = await call_next(request)
         if route not in ("/metrics", "/health"):
             metrics.requests.labels(route, str(response.status_code)).inc()
-            metrics.latency.labels(route).observe(time.perf_counter() - started)
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                metrics.latency.labels(route).observe(time.perf_counter() - started)  # a stream's: at its end
         return response
 
     @app.get("/health")
@@ -224,6 +236,8 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
         def finished(done: Finished | None, status: int = 200, error: str | None = None) -> dict | None:
             """Cache, count and log a request's outcome; the JSON check for JSON answers."""
             check = json_check(done.text, body.response_format, served) if done and wants_json else None
+            if body.stream:
+                metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
             if done is not None and hit is None:
                 _observe(metrics, done)
                 quota.spend(request.state.caller, done.prompt_tokens + done.completion_tokens)

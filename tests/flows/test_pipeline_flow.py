@@ -57,10 +57,12 @@ def test_every_stage_wrote_its_typed_report_and_outputs(pipeline_run):
     assert evaluated.candidate.n == evaluated.base.n == 6
     assert evaluated.test_sha256 == splits.splits["test"].sha256
     assert set(evaluated.candidate.field_accuracy) == {"intent", "priority", "article_id"}
-    # compress built merged -> onnx -> int8_weight, measured each on 4 validation chats, chose one
+    # compress built merged -> onnx -> int8_weight, measured the reference and the candidate
+    # (onnx is only a build step) on 4 validation chats, chose one
     compressed = CompressReport.read(out / "compress")
-    assert set(compressed.variants) == {"merged", "onnx", "int8_weight"} and compressed.validation_examples == 4
-    assert compressed.variants["onnx"].jaccard_at[1] > 0.99  # fp32 ONNX agrees with PyTorch
+    assert set(compressed.variants) == {"merged", "int8_weight"} and compressed.validation_examples == 4
+    assert compressed.variants["int8_weight"].parent == "onnx"
+    assert compressed.variants["int8_weight"].jaccard_at[1] > 0.9  # 8-bit weights agree with fp32 PyTorch
     gates = GateReport.read(out / "gates")
     assert gates.status == "passed" and {g.gate for g in gates.gates} == {"perplexity", "exact_match", "latency"}
     assert gates.operational.source == f"compress variant {compressed.chosen!r}"

@@ -44,6 +44,22 @@ def served(champion):
         return load_version(ModelRef.parse(f"{NAME}@champion"), {}, champion["state"])
 
 
+def samples(server) -> dict[str, float]:
+    """The endpoint's Prometheus samples, ``name{labels}`` -> value. Compare two snapshots:
+    once Feast is imported, prometheus_client keeps every process's values in shared files
+    (Feast sets PROMETHEUS_MULTIPROC_DIR), so two apps in one process share their counters."""
+    out = {}
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def grew(before: dict, after: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import pytest
 from components.lm import prompt_ids
 from serving.engine import Engine
 from serving.settings import LimitsSpec, ServeSpec
-from tests.serving.conftest import NAME
+from tests.serving.conftest import NAME, grew, samples
 
 MESSAGES = [{"role": "system", "content": "Triage the ticket."},
             {"role": "user", "content": "I was billed twice for my Boards plan."}]
@@ -30,6 +30,7 @@ def direct(served, messages=MESSAGES, max_tokens=12, **kwargs) -> str:
 def test_openai_sdk_plain_and_streaming(served, serve_app):
     expected = direct(served)
     with serve_app() as server:
+        before = samples(server)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0)
         reply = client.chat.completions.create(model=f"{NAME}/1", messages=MESSAGES, max_tokens=12)
         assert reply.choices[0].message.content == expected and reply.model == f"{NAME}/1"
@@ -43,6 +44,12 @@ def test_openai_sdk_plain_and_streaming(served, serve_app):
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
         assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
         assert [m.id for m in client.models.list().data] == [f"{NAME}/1"]
+        after = samples(server)
+    # both answers' latency (the stream's observed when it ends); one first token: the stream
+    # asked what the plain request had, and got it from the cache
+    assert grew(before, after, 'llmops_request_seconds_count{route="/v1/chat/completions"}') == 2
+    assert grew(before, after, "llmops_time_to_first_token_seconds_count") == 1
+    assert grew(before, after, 'llmops_cache_total{result="hit"}') == 1
 
 
 def test_greedy_answers_are_the_same_batched_as_alone(served):
@@ -94,6 +101,7 @@ def test_refusals_name_what_is_wrong(serve_app):
         ({**ok, "messages": [{"role": "user", "content": "x" * 3000}]}, 413, "exceeds the limit of 2048", None),
     ]
     with serve_app(spec) as server:
+        before = samples(server)
         for body, status, message, param in cases:
             r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
             assert r.status_code == status, (body, r.text)
@@ -105,10 +113,11 @@ def test_refusals_name_what_is_wrong(serve_app):
                                                                                             "application/json"})
         assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
         assert httpx.post(f"{server.url}/v1/chat/completions", json=ok).status_code == 200  # still answering
-        metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'llmops_requests_total{route="/v1/chat/completions",status="404"} 1.0' in metrics
-    assert 'llmops_rejected_total{reason="body_too_large"} 1.0' in metrics
-    assert "llmops_time_to_first_token_seconds_count 1.0" in metrics and "llmops_generated_tokens_total" in metrics
+        after = samples(server)
+    assert grew(before, after, 'llmops_requests_total{route="/v1/chat/completions",status="404"}') == 1
+    assert grew(before, after, 'llmops_rejected_total{reason="body_too_large"}') == 1
+    assert grew(before, after, "llmops_time_to_first_token_seconds_count") == 1
+    assert grew(before, after, "llmops_generated_tokens_total") == 4
 
 
 def test_api_keys(serve_app):
@@ -234,9 +243,10 @@ def test_token_rate_limit(served, serve_app):
     body = {"model": f"{NAME}/1", "messages": messages, "max_tokens": 2}
     with serve_app(ServeSpec(rate_limits={"tokens_per_minute": budget})) as server:
         url = f"{server.url}/v1/chat/completions"
+        before = samples(server)
         first = httpx.post(url, json=body)
         assert first.status_code == 200
         second = httpx.post(url, json={**body, "max_tokens": 3})
         assert second.status_code == 429 and f"{budget} tokens per minute reached for ip:127.0.0.1" in \
             second.json()["error"]["message"]
-        assert 'llmops_rejected_total{reason="rate_limited"} 1.0' in httpx.get(f"{server.url}/metrics").text
+        assert grew(before, samples(server), 'llmops_rejected_total{reason="rate_limited"}') == 1

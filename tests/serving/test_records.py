@@ -8,7 +8,7 @@ import httpx
 
 from serving.records import RequestLog
 from serving.settings import ServeSpec
-from tests.serving.conftest import NAME
+from tests.serving.conftest import NAME, grew, samples
 
 URL = "/v1/chat/completions"
 
@@ -18,15 +18,9 @@ def chat(server, content: str, **extra) -> httpx.Response:
     return httpx.post(f"{server.url}{URL}", json=body, headers=extra.pop("headers", None), timeout=60)
 
 
-def metric(server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_a_repeated_greedy_request_is_answered_from_the_cache(serve_app):
     with serve_app() as server:
+        before = samples(server)
         first, again = chat(server, "Refund my duplicate charge"), chat(server, "Refund my duplicate charge")
         assert first.json()["choices"] == again.json()["choices"] and again.json()["usage"] == first.json()["usage"]
         other = chat(server, "Refund my duplicate charge", max_tokens=5)  # other settings: another key
@@ -40,13 +34,16 @@ def test_a_repeated_greedy_request_is_answered_from_the_cache(serve_app):
                        for line in stream.text.splitlines()
                        if line.startswith("data: {") and json.loads(line[6:])["choices"])
         assert text == first.json()["choices"][0]["message"]["content"]  # a hit streams the cached answer
-        assert metric(server, 'llmops_cache_total{result="hit"}') == 2  # again, and the stream
-        assert metric(server, 'llmops_cache_total{result="miss"}') == 2  # first, max_tokens=5; sampled: no lookup
-        assert metric(server, "llmops_cache_entries") == 2
+        after = samples(server)
+        assert grew(before, after, 'llmops_cache_total{result="hit"}') == 2  # again, and the stream
+        assert grew(before, after, 'llmops_cache_total{result="miss"}') == 2  # first, max_tokens=5; sampled: none
+        assert after["llmops_cache_entries"] == 2
     spec = ServeSpec(cache={"max_entries": 0})
     with serve_app(spec) as server:
+        before = samples(server)
         chat(server, "Refund my duplicate charge"), chat(server, "Refund my duplicate charge")
-        assert metric(server, 'llmops_cache_total{result="hit"}') == 0 and metric(server, "llmops_cache_entries") == 0
+        after = samples(server)
+        assert grew(before, after, 'llmops_cache_total{result="hit"}') == 0 and after["llmops_cache_entries"] == 0
 
 
 def test_every_request_is_logged_off_the_hot_path(serve_app, tmp_path):
@@ -95,3 +92,18 @@ def test_log_files_rotate_by_size(tmp_path):
     hour = names[0].split("-")[1].split(".")[0]
     assert names == [f"requests-{hour}.1.jsonl", f"requests-{hour}.2.jsonl", f"requests-{hour}.jsonl"]
     assert sorted(json.loads(p.read_text())["n"] for p in tmp_path.glob("*.jsonl")) == [0, 1, 2]
+
+
+def test_two_apps_count_their_own_requests_even_after_feast_is_imported(serve_app, tmp_path, monkeypatch):
+    # what importing Feast before prometheus_client does: values in files shared by every
+    # metric of the same name in the process
+    from prometheus_client import values
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    for _ in range(2):
+        with serve_app() as server:
+            chat(server, "Where is my invoice?")
+            chat(server, "Where is my invoice?")
+            after = samples(server)
+        assert after['llmops_cache_total{result="hit"}'] == 1 and after['llmops_cache_total{result="miss"}'] == 1
