@@ -241,7 +241,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
             if done is not None and hit is None:
                 _observe(metrics, done)
                 quota.spend(request.state.caller, done.prompt_tokens + done.completion_tokens)
-                if key is not None:
+                if key is not None and done.finish_reason in ("stop", "length"):  # never a cut-off answer
                     cache.put(key, done)
             if log is not None:
                 log.append({"request_id": completion_id, "time": now_iso(), "route": "/v1/chat/completions",
