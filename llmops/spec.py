@@ -26,9 +26,9 @@ from components.promote import PromoteSpec
 from components.register import RegisterSpec
 from components.task import TaskSpec
 from components.validate import ValidateSpec
-from serving.settings import ServeSpec
 from llmops.spec_errors import format_errors
 from llmops.stages import STAGES
+from serving.settings import ServeSpec
 
 DEFAULT_SPEC = "pipelines.yaml"
 

@@ -12,8 +12,9 @@ Greedy answers are reused from the response cache; every chat request is appende
 request log (serving/records.py).
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
-status that says what went wrong (401 key, 404 model, 413 body, 400 prompt too long,
-422 a field, 429 queue full, 504 timeout) and never a stack trace.
+status that says what went wrong (401 key, 404 model, 413 body, 400 prompt too long or a
+response_format schema that is not one, 422 a field, 429 queue full or rate limit, 504
+timeout) and never a stack trace.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from components.lm import prompt_ids
 from serving.engine import Engine, Finished, QueueFull, Request
 from serving.model import ServedModel
-from serving.protocol import ApiError, ChatRequest, ResponseFormat, error_body
+from serving.protocol import ApiError, ChatRequest, check_schema, error_body, json_check
 from serving.quota import Quota
 from serving.records import RequestLog, ResponseCache, elapsed_ms, now_iso
 from serving.settings import ServeSpec
@@ -80,14 +81,15 @@ class Metrics:
 def golden_check(served: ServedModel, engine: Engine, state: dict, timeout_s: float) -> None:
     """Answer the version's golden example (the first validation chat) through the engine;
     ready only when the answer is valid under the task's answer schema."""
-    golden = served.manifest.get("golden") or {"messages": [{"role": "user", "content": "ping"}]}
+    golden = served.manifest.get("golden")  # None: a version registered before golden examples
+    messages = golden["messages"] if golden else [{"role": "user", "content": "ping"}]
     try:
-        done = engine.complete(prompt_ids(golden["messages"], served.tokenizer), max_tokens=64, timeout_s=timeout_s,
-                               json_only="golden" in served.manifest)
+        done = engine.complete(prompt_ids(messages, served.tokenizer), max_tokens=64, timeout_s=timeout_s,
+                               json_only=golden is not None)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the endpoint is not ready and says why
         state.update(ready=False, reason=f"the golden prompt failed: {exc}")
         return
-    errors = served.schema.errors(done.text) if served.manifest.get("golden") else ([] if done.text else ["empty"])
+    errors = served.schema.errors(done.text) if golden else ([] if done.text else ["empty"])
     if errors:
         state.update(ready=False, reason=f"the golden prompt's answer is not valid: {'; '.join(errors)} "
                                          f"(answer: {done.text[:200]!r})")
@@ -113,9 +115,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
     metrics = Metrics()
     cache = ResponseCache(spec.cache.max_entries, spec.cache.ttl_s)
     quota = Quota(spec.rate_limits.requests_per_minute, spec.rate_limits.tokens_per_minute)
-    app.state.cache = cache
     engine.on_batch = lambda size, seconds: metrics.batch.observe(size)
-    app.state.served, app.state.engine, app.state.readiness, app.state.metrics = served, engine, state, metrics
     names = {served.id, served.name, f"{served.name}/{served.version}"}
     if served.alias:
         names.add(f"{served.name}@{served.alias}")
@@ -212,6 +212,8 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
             raise
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         wants_json = body.response_format is not None and body.response_format.type != "text"
+        if wants_json:
+            check_schema(body.response_format)  # before any work: a bad schema is the request's fault
         started, completion_id, created = time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         key = ResponseCache.key(served.id, ids, max_tokens, stop, wants_json) if body.temperature == 0 else None
         hit = cache.get(key) if key is not None else None
@@ -235,7 +237,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
 
         def finished(done: Finished | None, status: int = 200, error: str | None = None) -> dict | None:
             """Cache, count and log a request's outcome; the JSON check for JSON answers."""
-            check = json_check(done.text, body.response_format, served) if done and wants_json else None
+            check = json_check(done.text, body.response_format, served.schema) if done and wants_json else None
             if body.stream:
                 metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
             if done is not None and hit is None:
@@ -275,29 +277,6 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
         return response
 
     return app
-
-
-def json_check(text: str, fmt: ResponseFormat, served: ServedModel) -> dict:
-    """For response_format json_object/json_schema: is the answer one JSON object (matching
-    the given schema, or the task's answer schema when the request names none)? The answer
-    is returned either way; ``valid`` and ``errors`` say what is wrong with it."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return {"valid": False, "errors": [f"not JSON: {exc.msg} at character {exc.pos}"]}
-    if not isinstance(value, dict):
-        return {"valid": False, "errors": ["not a JSON object"]}
-    if fmt.type == "json_object":
-        return {"valid": True, "errors": []}
-    schema = (fmt.json_schema or {}).get("schema")
-    if schema is None:
-        errors = served.schema.errors(text)
-    else:
-        from jsonschema import Draft202012Validator
-
-        errors = [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
-                  for e in Draft202012Validator(schema).iter_errors(value)]
-    return {"valid": not errors, "errors": errors}
 
 
 def not_ready_reason(engine: Engine, state: dict, stall_s: float) -> str | None:

@@ -5,9 +5,9 @@ queueing without bound). The engine takes the first request, then whatever else 
 within ``max_wait_ms`` with the same sampling settings, up to ``max_batch_size``, and
 generates them together (left padding, transformers' ``generate``, PyTorch or ONNX
 Runtime). After every decoding step a stopping criterion hands each row its new text
-(streaming), and ends a row on its end token, a stop string, its own ``max_tokens`` or a
-cancelled request (and, for JSON answers, where the object closes), so one long answer does not hold the others' results. Greedy answers
-are the same in a batch as alone (tested).
+(streaming), and ends a row on its end token, a stop string, its own ``max_tokens``, a
+cancelled request, or (for JSON answers) where the object closes, so one long answer does
+not hold the others' results. Greedy answers are the same in a batch as alone (tested).
 
 Events go back to the request's asyncio loop: ``("delta", text)`` while it generates,
 then ``("done", Finished)`` or ``("error", message)``.
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from components.lm import collate
+from components.lm import collate, inference_device
 from components.task import object_end
 
 
@@ -60,8 +60,8 @@ class QueueFull(RuntimeError):
 class _Rows:
     """Per-row bookkeeping for one batch, called by ``generate`` after each step."""
 
-    def __init__(self, batch: list[Request], tokenizer, width: int, started: float):
-        self.batch, self.tokenizer, self.width, self.started = batch, tokenizer, width, started
+    def __init__(self, batch: list[Request], tokenizer):
+        self.batch, self.tokenizer = batch, tokenizer
         self.ids: list[list[int]] = [[] for _ in batch]
         self.sent = [""] * len(batch)
         self.done: list[str | None] = [None] * len(batch)
@@ -121,10 +121,9 @@ class Engine:
         self.tokenizer, self.model = tokenizer, model
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self.batch_sizes: list[int] = []  # recent batch sizes (metrics read and clear them)
         self.busy_since: float | None = None  # when the running batch started; None when idle
         self.error: str | None = None  # set when a batch failed; cleared by the next good one
-        self.on_batch: Callable[[int, float], None] = lambda size, seconds: None
+        self.on_batch: Callable[[int, float], None] = lambda size, seconds: None  # (batch size, seconds)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmops-engine", daemon=True)
 
@@ -177,11 +176,11 @@ class Engine:
         started = self.busy_since = time.perf_counter()
         try:
             ids, _, mask = collate([(r.prompt_ids, []) for r in batch], self.tokenizer, side="left")
-            rows = _Rows(batch, self.tokenizer, ids.shape[1], started)
+            rows = _Rows(batch, self.tokenizer)
             temperature, top_p = batch[0].sampling
             sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
                                         if temperature > 0 else {"do_sample": False})
-            device = getattr(self.model, "device", None) or torch.device("cpu")
+            device = getattr(self.model, "device", None) or inference_device()
             with torch.no_grad():
                 self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     max_new_tokens=max(r.max_tokens for r in batch),
@@ -204,7 +203,6 @@ class Engine:
                 completion_tokens=len(rows.ids[row]), queued_s=started - r.submitted,
                 first_token_s=rows.first[row] - r.submitted if rows.first[row] else None,
                 total_s=ended - r.submitted, batch_size=len(batch))))
-        self.batch_sizes.append(len(batch))
         self.on_batch(len(batch), ended - started)
 
     def complete(self, prompt_ids: list[int], max_tokens: int, timeout_s: float = 120.0, **kwargs) -> Finished:

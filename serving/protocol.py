@@ -1,10 +1,15 @@
 """The wire format: the fields of OpenAI's chat completion request this endpoint honours,
-and OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``."""
+OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, and the checks
+of a ``response_format`` (its schema, and whether an answer meets it)."""
 from __future__ import annotations
+
+import json
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from components.task import AnswerSchema
 
 
 class ApiError(Exception):
@@ -53,3 +58,41 @@ class ChatRequest(BaseModel):
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def check_schema(fmt: ResponseFormat) -> None:
+    """ApiError 400 when the request's json_schema is not a JSON Schema."""
+    schema = (fmt.json_schema or {}).get("schema")
+    if schema is None:
+        return
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise ApiError(400, f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}",
+                       param="response_format.json_schema.schema", code="invalid_schema") from None
+
+
+def json_check(text: str, fmt: ResponseFormat, task_schema: AnswerSchema) -> dict:
+    """For response_format json_object/json_schema: is the answer one JSON object (matching
+    the given schema, or the task's answer schema when the request names none)? The answer
+    is returned either way; ``valid`` and ``errors`` say what is wrong with it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return {"valid": False, "errors": [f"not JSON: {exc.msg} at character {exc.pos}"]}
+    if not isinstance(value, dict):
+        return {"valid": False, "errors": ["not a JSON object"]}
+    if fmt.type == "json_object":
+        return {"valid": True, "errors": []}
+    schema = (fmt.json_schema or {}).get("schema")
+    if schema is None:
+        errors = task_schema.errors(text)
+    else:
+        from jsonschema import Draft202012Validator
+
+        errors = [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
+                  for e in Draft202012Validator(schema).iter_errors(value)]
+    return {"valid": not errors, "errors": errors}

@@ -217,6 +217,24 @@ def tiny_run(tiny, tmp_path_factory) -> dict:
     return {"root": root, "finetune": ft_cfg, "evaluate": eval_cfg, "splits": splits, "tiny": tiny}
 
 
+def register_run(run: dict, out_dir: Path, model_name: str, inputs: dict | None = None,
+                 context: dict | None = None):
+    """The register stage on a tiny run (its prepare/, finetune/ and evaluate/, plus
+    ``inputs`` such as gates/ or compress/) into ``out_dir`` (created), in the active MLflow
+    registry; returns the stage's result."""
+    from components.base import StageIO
+    from components.register import RegisterSpec
+    from components.register import run as register
+    from components.task import TaskSpec
+
+    root = run["root"]
+    out_dir.mkdir(parents=True)
+    return register(RegisterSpec(model_name=model_name), StageIO(
+        pipeline="t", out_dir=out_dir, state_dir=root / "state",
+        inputs={s: root / s for s in ("prepare", "finetune", "evaluate")} | (inputs or {}),
+        sections={"finetune": run["finetune"], "task": TaskSpec()}, context=context or {}))
+
+
 # ---------------------------------------------------------------- the shared pipeline run
 
 # Gates a 2-step fine-tune can pass and the same model trained for 1 step cannot: the gold

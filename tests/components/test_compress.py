@@ -22,7 +22,7 @@ from components.lm import generate, load, prompt_ids
 from components.measure import jaccard
 from components.reports import CompressReport, ModelMetrics, VariantReport
 from tests.components.conftest import chat_examples
-from tests.conftest import sqlite_registry
+from tests.conftest import register_run, sqlite_registry
 
 
 # ---------------------------------------------------------------- pure parts
@@ -255,19 +255,6 @@ def test_chosen_variant_outputs_and_report(compressed):
     assert (out / "quality_vs_speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _register(root: Path, tiny_run: dict, compress_dir: Path, name: str):
-    from components.register import RegisterSpec
-    from components.register import run as register
-    from components.task import TaskSpec
-
-    src = tiny_run["root"]
-    (root / "register").mkdir()
-    return register(RegisterSpec(model_name=name), StageIO(
-        pipeline="t", out_dir=root / "register", state_dir=root / "state",
-        inputs={s: src / s for s in ("prepare", "finetune", "evaluate")} | {"compress": compress_dir},
-        sections={"finetune": tiny_run["finetune"], "task": TaskSpec()}))
-
-
 @pytest.fixture
 def registry_in(tmp_path):
     with sqlite_registry(tmp_path, "compress"):
@@ -275,7 +262,8 @@ def registry_in(tmp_path):
 
 
 def test_registered_version_holds_the_chosen_variant(compressed, tmp_path, registry_in):
-    result = _register(tmp_path, compressed["tiny_run"], compressed["out"], "triage-compressed")
+    result = register_run(compressed["tiny_run"], tmp_path / "register", "triage-compressed",
+                          {"compress": compressed["out"]})
     folder = mlflow.artifacts.download_artifacts("models:/triage-compressed@challenger", dst_path=str(tmp_path / "d"))
     manifest = json.loads(open(f"{folder}/llmops-model.json").read())
     chosen = compressed["report"].chosen
@@ -369,5 +357,5 @@ def test_another_family_goes_through_compress_and_register(neox_run, tmp_path, r
     # 25% of each block's linear weights: 40 of 96 MLP channels (the fused QKV, as wide as the MLP, is left alone)
     assert pruned["intermediate_size"] == 56 and report.variants["pruned"].details["achieved_sparsity"] == 0.25
     assert json.loads((variants / "distilled" / "config.json").read_text())["num_hidden_layers"] == 1
-    result = _register(tmp_path, neox_run, done["out"], "neox-triage")
+    result = register_run(neox_run, tmp_path / "register", "neox-triage", {"compress": done["out"]})
     assert result.report.serving_variant == report.chosen

@@ -18,7 +18,7 @@ from components.reports import CompressReport, EvaluationReport, GateReport, Mod
 from components.task import AnswerSchema, TaskSpec, build_messages
 from llmops.spec import SpecError, load_spec
 from tests.components.conftest import ARTICLE_IDS, triage_examples
-from tests.conftest import REPO, sqlite_registry
+from tests.conftest import REPO, register_run, sqlite_registry
 
 
 def metrics(**flat) -> ModelMetrics:
@@ -336,8 +336,6 @@ def test_stage_refuses_an_evaluation_of_another_test_split(tiny_run, tmp_path):
 
 
 def test_champion_metrics_recorded_or_reevaluated(tiny_run, tmp_path, empty_registry):
-    from components.register import RegisterSpec
-    from components.register import run as register
     from components.splits import read_examples
 
     root = tiny_run["root"]
@@ -348,11 +346,7 @@ def test_champion_metrics_recorded_or_reevaluated(tiny_run, tmp_path, empty_regi
     test_sha = tiny_run["splits"]["test"]["sha256"]
     args = (examples, schema, tiny_run["evaluate"], str(tiny_run["tiny"]), io)
     assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, "no champion")
-    (tmp_path / "register").mkdir()
-    register(RegisterSpec(model_name="triage-gates"),
-             StageIO(pipeline="t", out_dir=tmp_path / "register", state_dir=root / "state",
-                     inputs={s: root / s for s in ("prepare", "finetune", "evaluate")},
-                     sections={"finetune": tiny_run["finetune"], "task": TaskSpec()}))
+    register_run(tiny_run, tmp_path / "register", "triage-gates")
     client = mlflow.MlflowClient()
     assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, "no champion")  # no alias
     client.set_registered_model_alias("triage-gates", "champion", "1")

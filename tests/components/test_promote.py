@@ -12,11 +12,8 @@ from components import registry
 from components.base import StageError, StageIO
 from components.promote import PromoteSpec
 from components.promote import run as promote
-from components.register import RegisterSpec
-from components.register import run as register
 from components.reports import GateReport, RegistrationReport
-from components.task import TaskSpec
-from tests.conftest import REPO, run_cli, sqlite_registry
+from tests.conftest import REPO, register_run, run_cli, sqlite_registry
 
 NAME = "triage-promote"
 
@@ -40,14 +37,8 @@ def store(tmp_path, monkeypatch):
 def new_version(tiny_run, folder, status: str) -> StageIO:
     """Register the tiny adapter with a gate report of ``status``; returns the IO promote
     reads (the gate report and the registration)."""
-    root = tiny_run["root"]
     gate_report(tiny_run, status).write(folder / "gates")
-    (folder / "register").mkdir(parents=True)
-    registered = register(RegisterSpec(model_name=NAME),
-                          StageIO(pipeline="t", out_dir=folder / "register", state_dir=root / "state",
-                                  inputs={s: root / s for s in ("prepare", "finetune", "evaluate")}
-                                  | {"gates": folder / "gates"},
-                                  sections={"finetune": tiny_run["finetune"], "task": TaskSpec()}))
+    registered = register_run(tiny_run, folder / "register", NAME, {"gates": folder / "gates"})
     registered.report.write(folder / "register")  # what the runner does after every stage
     (folder / "promote").mkdir()
     return StageIO(pipeline="t", out_dir=folder / "promote", inputs={"gates": folder / "gates",

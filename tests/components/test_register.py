@@ -8,12 +8,11 @@ import mlflow
 import pytest
 import torch
 
-from components.base import StageError, StageIO, file_sha256
-from components.register import RegisterSpec, run
+from components.base import StageError, file_sha256
 from components.reports import EvaluationReport
 from components.task import TaskSpec
 from tests.components.conftest import ARTICLE_IDS
-from tests.conftest import sqlite_registry
+from tests.conftest import register_run, sqlite_registry
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +27,8 @@ def _register_twice(tiny_run, work):
     root = tiny_run["root"]
     results = []
     for i in (1, 2):
-        out = work / f"register{i}"
-        out.mkdir()
-        io = StageIO(pipeline="t", out_dir=out, state_dir=root / "state",
-                     inputs={s: root / s for s in ("prepare", "finetune", "evaluate")},
-                     sections={"finetune": tiny_run["finetune"], "task": TaskSpec()},
-                     context={"git_commit": f"abc{i}", "spec_sha256": "f" * 64})
-        results.append(run(RegisterSpec(model_name="triage-test"), io))
+        results.append(register_run(tiny_run, work / f"register{i}", "triage-test",
+                                    context={"git_commit": f"abc{i}", "spec_sha256": "f" * 64}))
     return {"root": root, "work": work, "results": results, "eval": EvaluationReport.read(root / "evaluate"),
             "splits": tiny_run["splits"], "tiny": tiny_run["tiny"], "finetune": tiny_run["finetune"]}
 
@@ -82,11 +76,7 @@ def test_version_artifacts_load_back_into_the_same_model(registered):
 
 
 def test_stale_evaluation_is_refused(registered, tmp_path):
-    root = registered["root"]
     registered["eval"].model_copy(update={"test_sha256": "0" * 64}).write(tmp_path / "evaluate")
-    io = StageIO(pipeline="t", out_dir=tmp_path / "out", state_dir=root / "state",
-                 inputs={"prepare": root / "prepare", "finetune": root / "finetune", "evaluate": tmp_path / "evaluate"},
-                 sections={"finetune": registered["finetune"], "task": TaskSpec()})
     with pytest.raises(StageError, match="different test split"):
-        run(RegisterSpec(model_name="triage-test"), io)
+        register_run(registered, tmp_path / "out", "triage-test", {"evaluate": tmp_path / "evaluate"})
     assert len(mlflow.MlflowClient().search_model_versions("name='triage-test'")) == 2  # nothing registered

@@ -9,28 +9,20 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import sqlite_registry
+from tests.conftest import register_run, sqlite_registry
 
 NAME = "triage-serve"
 
 
 @pytest.fixture(scope="session")
 def champion(tiny_run, tmp_path_factory):
-    """The tiny run as version 1 of triage-serve, champion; the registry's URI and state folder."""
+    """The tiny run as version 1 of triage-serve, champion; the registry's URI and the state
+    folder serving uses."""
     from components import registry
-    from components.base import StageIO
-    from components.register import RegisterSpec
-    from components.register import run as register
-    from components.task import TaskSpec
 
-    root = tiny_run["root"]
     work = tmp_path_factory.mktemp("serve-registry")
     with sqlite_registry(work) as uri:
-        (work / "register").mkdir()
-        register(RegisterSpec(model_name=NAME),
-                 StageIO(pipeline="t", out_dir=work / "register", state_dir=work / "state",
-                         inputs={s: root / s for s in ("prepare", "finetune", "evaluate")},
-                         sections={"finetune": tiny_run["finetune"], "task": TaskSpec()}))
+        register_run(tiny_run, work / "register", NAME)
         registry.promote(registry.client(), NAME, 1, "the serving tests' champion")
     return {"uri": uri, "state": work / "state", "work": work}
 
@@ -102,31 +94,24 @@ class LiveServer:
 
 @pytest.fixture
 def serve_app(served):
-    """Start an app around ``served`` with an engine of its own: ``serve_app(spec=..., keys=...)``
-    returns a LiveServer (context manager); engines stop at teardown."""
+    """Start an app with an engine of its own: ``serve_app(spec=..., keys=..., log=...)``
+    returns a LiveServer (context manager); ``version=`` serves another ServedModel than the
+    champion fixture (its ``model`` runs in the engine). Engines stop at teardown."""
     from serving.app import create_app
     from serving.engine import Engine
     from serving.settings import ServeSpec
 
     engines = []
 
-    def make(spec: ServeSpec | None = None, keys: dict | None = None, model=None, start: bool = True, log=None):
-        spec = spec or ServeSpec()
+    def make(spec: ServeSpec | None = None, keys: dict | None = None, start: bool = True, log=None, version=None):
+        spec, version = spec or ServeSpec(), version or served
         b = spec.batching
-        engine = Engine(served.tokenizer, model or served.model, b.max_batch_size, b.max_wait_ms, b.max_queue)
+        engine = Engine(version.tokenizer, version.model, b.max_batch_size, b.max_wait_ms, b.max_queue)
         if start:
             engine.start()
             engines.append(engine)
-        return LiveServer(create_app(model_view(served, model), engine, spec, keys, log))
+        return LiveServer(create_app(version, engine, spec, keys, log))
 
     yield make
     for engine in engines:
         engine.stop()
-
-
-def model_view(served, model):
-    if model is None:
-        return served
-    from dataclasses import replace
-
-    return replace(served, model=model)

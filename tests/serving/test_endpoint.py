@@ -2,7 +2,10 @@
 and plain HTTP; every refusal with its status and reason."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import queue
+import time
 from dataclasses import replace
 
 import httpx
@@ -10,7 +13,7 @@ import openai
 import pytest
 
 from components.lm import prompt_ids
-from serving.engine import Engine
+from serving.engine import Engine, Request
 from serving.settings import LimitsSpec, ServeSpec
 from tests.serving.conftest import NAME, grew, samples
 
@@ -58,10 +61,9 @@ def test_greedy_answers_are_the_same_batched_as_alone(served):
                 "Please add dark mode to the boards, our whole team of forty people would like it.")]
     alone = [direct(served, p, max_tokens=10) for p in prompts]
     engine = Engine(served.tokenizer, served.model, max_batch_size=8, max_wait_ms=2000)
-    import queue
     results: queue.Queue = queue.Queue()
-    from serving.engine import Request
-
+    batch_sizes: list[int] = []
+    engine.on_batch = lambda size, seconds: batch_sizes.append(size)
     for i, p in enumerate(prompts):  # queued before the engine starts: one batch of four
         engine.submit(Request(prompt_ids(p, served.tokenizer), 10, emit=lambda e, i=i: e[0] == "done" and
                               results.put((i, e[1]))))
@@ -71,7 +73,7 @@ def test_greedy_answers_are_the_same_batched_as_alone(served):
     finally:
         engine.stop()
     assert [done[i].text for i in range(len(prompts))] == alone
-    assert {d.batch_size for d in done.values()} == {4} and engine.batch_sizes == [4]
+    assert {d.batch_size for d in done.values()} == {4} and batch_sizes == [4]
 
 
 def test_stop_strings_and_max_tokens(served):
@@ -99,6 +101,8 @@ def test_refusals_name_what_is_wrong(serve_app):
         ({**ok, "max_tokens": 33}, 400, "max_tokens 33 exceeds the limit of 32", "max_tokens"),
         ({**ok, "messages": [{"role": "user", "content": "word " * 60}]}, 400, "the limit is 40", "messages"),
         ({**ok, "messages": [{"role": "user", "content": "x" * 3000}]}, 413, "exceeds the limit of 2048", None),
+        ({**ok, "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": 12}}}},
+         400, "response_format.json_schema.schema is not a valid JSON Schema", "response_format.json_schema.schema"),
     ]
     with serve_app(spec) as server:
         before = samples(server)
@@ -144,11 +148,8 @@ def test_a_full_queue_answers_429_and_a_slow_answer_504(serve_app):
     spec = ServeSpec(batching={"max_queue": 2, "retry_after_s": 3}, limits={"request_timeout_s": 1.5})
     body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with serve_app(spec, start=False) as server:
-        import concurrent.futures
-
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=30)
-            import time
             time.sleep(0.5)
             second = httpx.post(f"{server.url}/v1/chat/completions", json=body)
             assert second.status_code == 429 and second.headers["retry-after"] == "3"
@@ -168,9 +169,6 @@ def test_ready_needs_a_valid_golden_answer(served, serve_app):
 
 
 def test_ready_then_503_when_the_engine_fails(served, serve_app):
-    # a version without a golden example (registered before they existed) needs any answer
-    older = replace(served, manifest={k: v for k, v in served.manifest.items() if k != "golden"})
-
     class Faulty:
         """The model, until ``broken`` is set: then generate raises."""
         broken = False
@@ -184,24 +182,19 @@ def test_ready_then_503_when_the_engine_fails(served, serve_app):
             return served.model.generate(**kwargs)
 
     faulty = Faulty()
-    from serving.app import create_app
-    from tests.serving.conftest import LiveServer
-
-    engine = Engine(served.tokenizer, faulty).start()
-    try:
-        with LiveServer(create_app(older, engine, ServeSpec())) as server:
-            assert server.wait_ready().json() == {"status": "ready", "model": f"{NAME}/1", "variant": older.variant}
-            faulty.broken = True
-            body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-            r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
-            assert r.status_code == 500 and "injected engine fault" in r.json()["error"]["message"]
-            ready = httpx.get(f"{server.url}/ready")
-            assert ready.status_code == 503 and "injected engine fault" in ready.json()["reason"]
-            faulty.broken = False
-            assert httpx.post(f"{server.url}/v1/chat/completions", json=body).status_code == 200
-            assert httpx.get(f"{server.url}/ready").status_code == 200  # recovered
-    finally:
-        engine.stop()
+    # a version without a golden example (registered before they existed) needs any answer
+    older = replace(served, model=faulty, manifest={k: v for k, v in served.manifest.items() if k != "golden"})
+    with serve_app(version=older) as server:
+        assert server.wait_ready().json() == {"status": "ready", "model": f"{NAME}/1", "variant": older.variant}
+        faulty.broken = True
+        body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert r.status_code == 500 and "injected engine fault" in r.json()["error"]["message"]
+        ready = httpx.get(f"{server.url}/ready")
+        assert ready.status_code == 503 and "injected engine fault" in ready.json()["reason"]
+        faulty.broken = False
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body).status_code == 200
+        assert httpx.get(f"{server.url}/ready").status_code == 200  # recovered
 
 
 def test_json_response_format_reports_validity(served, serve_app):
