@@ -111,3 +111,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def plain(value):
+    """A table cell as a JSON value: numpy scalars as Python ones, NaN/NA/None as None."""
+    if value is None or type(value).__name__ == "NAType" or value != value:
+        return None
+    return value.item() if hasattr(value, "item") else value

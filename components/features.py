@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from components.base import StageIO, StageResult, markdown_table
-from components.featurestore import Embedder, FeaturesSpec, apply, feast_state, materialize, open_store
+from components.featurestore import Embedder, FeaturesSpec, apply, feast_state, materialize, open_online, open_store
 from components.reports import FeaturesReport
 
 OUTPUTS = ("customer_profiles.parquet", "article_embeddings.parquet")
@@ -72,15 +72,19 @@ def run(cfg: FeaturesSpec, io: StageIO) -> StageResult:
                                                 outputs["article_embeddings"])
     stamp = table.event_timestamp.max()
     store = open_store(io.feature_repo, io.state_dir, io.pipeline, require_registry=False)
-    apply(store, io.feature_repo)
-    start = min(profiles.event_timestamp.min(), stamp).to_pydatetime()
-    materialize(store, start, datetime.now(timezone.utc))
+    online = open_online(io.feature_repo, io.state_dir, io.pipeline, store)  # the feature server's, if one runs
+    try:
+        apply(online, io.feature_repo)
+        start = min(profiles.event_timestamp.min(), stamp).to_pydatetime()
+        materialize(online, start, datetime.now(timezone.utc))
+    finally:
+        online.close()  # releases an in-process Milvus Lite for other processes
     report = FeaturesReport(n_profiles=len(profiles), n_customers=int(profiles.customer_id.nunique()),
                             n_articles=len(table), articles_embedded=embedded, articles_reused=reused)
     rows = [{"table": "customer_profiles", "rows": len(profiles)},
             {"table": "article_embeddings", "rows": len(table)}]
-    summary = (f"### features\nFeast registry and online store: `{state}`; {embedded} article(s) embedded, "
-               f"{reused} reused (text unchanged).\n\n" + markdown_table(rows))
+    summary = (f"### features\nFeast registry and online store: `{state}` ({online.where}); {embedded} article(s) "
+               f"embedded, {reused} reused (text unchanged).\n\n" + markdown_table(rows))
     return StageResult(outputs=outputs, report=report, summary=summary)
 
 

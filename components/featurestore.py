@@ -6,6 +6,12 @@ The Feast repository (``feature_repo/``) declares the entities, feature views an
 services; the spec names the feature service whose features a prompt may use
 (``features.feature_service``), so no module lists them. The embedded default keeps the
 registry and a Milvus Lite online store (vector-indexed) under the state folder.
+
+Milvus Lite lets one process open the online store. When a feature server runs for the
+state folder (``llmops features serve``, components/featureserver.py) it is that one
+process, and everyone else (the endpoint, a pipeline run, monitoring) reads, searches,
+applies and materializes through it: :func:`open_online` picks the way. The registry and
+the offline Parquet files are read directly by every process.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -69,6 +75,14 @@ def _quiet_feast() -> None:
     # Milvus Lite answers some client calls with "not implemented" and logs it; harmless.
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*shadows an attribute in parent.*")
+    # Feast warns that serve_features_while_materializing "typically has no effect" on a file
+    # registry; measured with 0.67, it does: without it, reads during a materialization of
+    # the view fail ("is in state 'MATERIALIZING' and cannot serve features").
+    logging.getLogger("feast.repo_config").addFilter(_serve_while_materializing_note)
+
+
+def _serve_while_materializing_note(record: logging.LogRecord) -> bool:
+    return "serve_features_while_materializing" not in record.getMessage()
 
 
 def definitions(repo: Path) -> list:
@@ -92,8 +106,14 @@ def definitions(repo: Path) -> list:
     return found
 
 
-def apply(store, repo: Path) -> None:
-    """Register the repository's definitions (what `feast apply` does) with the public API."""
+def apply(online: "Online", repo: Path) -> None:
+    """Register the repository's definitions (what `feast apply` does) where the online store
+    is owned: in this process, or in the feature server that owns it."""
+    online.apply(repo)
+
+
+def apply_here(store, repo: Path) -> None:
+    """`feast apply` in this process, with the public API (this process owns the store)."""
     with contextlib.redirect_stdout(_io.StringIO()), warnings.catch_warnings():
         # Feast warns on every apply that on-demand views are "experimental ... does not scale well for
         # offline retrieval"; the flags are two comparisons per row: noise here.
@@ -102,28 +122,112 @@ def apply(store, repo: Path) -> None:
         store.apply(definitions(repo))
 
 
-def materialize(store, start: datetime | None, end: datetime, views: list[str] | None = None) -> None:
-    """Load feature values into the online store: [start, end], or incrementally from the
-    last materialization when ``start`` is None; all feature views, or ``views``."""
-    with contextlib.redirect_stdout(_io.StringIO()):
-        if start is None:
-            store.materialize_incremental(end_date=end, feature_views=views)
-        else:
-            store.materialize(start_date=start, end_date=end, feature_views=views)
-
-
 def feature_service(store, name: str):
     """(the feature service, the names of its features) from the registry; StageError
     naming the services that exist when there is no such service."""
     from feast.errors import FeatureServiceNotFoundException
 
     try:
-        service = store.get_feature_service(name)
+        # From the registry cache: a read of the file while another process (the feature
+        # server materializing) rewrites it can see no services at all.
+        service = store.get_feature_service(name, allow_cache=True)
     except FeatureServiceNotFoundException:
         known = ", ".join(s.name for s in store.list_feature_services()) or "none"
         raise StageError(f"features.feature_service: no feature service {name!r} in the Feast registry "
                          f"(services: {known}); check feature_repo/ and run `llmops features apply`") from None
     return service, [f.name for p in service.feature_view_projections for f in p.features]
+
+
+# ---------------------------------------------------------------- the online store, here or over HTTP
+
+ARTICLE_VIEW, ARTICLE_KEY = "article_embeddings", "article_id"  # the vector-indexed view and its key
+
+
+class FeatureStoreUnavailable(StageError):
+    """The online store cannot be reached (a feature server down, or its store locked)."""
+
+
+class Online(Protocol):
+    """What reads and writes the online store: :class:`LocalOnline` in the process that owns
+    it, or ``components.featureserver.RemoteOnline`` through the feature server that does."""
+
+    where: str
+
+    def read(self, entity_rows: list[dict], features: list[str] | None = None,
+             service: str | None = None) -> dict[str, list]: ...
+
+    def search(self, feature: str, vector: list[float], top_k: int) -> list[str]: ...
+
+    def materialize(self, start: datetime | None, end: datetime, views: list[str] | None = None) -> None: ...
+
+    def apply(self, repo: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalOnline:
+    """The online store opened in this process (Milvus Lite: then no other process can)."""
+
+    where = "in this process"
+
+    def __init__(self, store):
+        self.store = store
+
+    def read(self, entity_rows, features=None, service=None):
+        wanted = self.store.get_feature_service(service) if service else features
+        with contextlib.redirect_stdout(_io.StringIO()):
+            return self.store.get_online_features(features=wanted, entity_rows=entity_rows).to_dict()
+
+    def search(self, feature, vector, top_k):
+        with contextlib.redirect_stdout(_io.StringIO()):
+            df = self.store.retrieve_online_documents_v2(features=[feature], query=vector, top_k=top_k,
+                                                         distance_metric="COSINE").to_df()
+        return [str(a) for a in df[ARTICLE_KEY]] if ARTICLE_KEY in df else []
+
+    def materialize(self, start, end, views=None):
+        """Load feature values into the online store: [start, end], or incrementally from the
+        last materialization when ``start`` is None; all feature views, or ``views``."""
+        with contextlib.redirect_stdout(_io.StringIO()):
+            if start is None:
+                self.store.materialize_incremental(end_date=end, feature_views=views)
+            else:
+                self.store.materialize(start_date=start, end_date=end, feature_views=views)
+
+    def apply(self, repo):
+        apply_here(self.store, repo)
+
+    def close(self) -> None:
+        """Release the online store: Milvus Lite runs an in-process server per store file and
+        holds the file's lock until this process ends unless it is released here (then a
+        feature server, or a later stage, can open it)."""
+        backend = self.store._get_provider().online_store  # Feast has no public close
+        client = getattr(backend, "client", None)
+        if client is None:
+            return
+        client.close()
+        backend.client = None
+        getattr(backend, "_collections", {}).clear()
+        if hasattr(backend, "_get_db_path"):
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(backend._get_db_path(self.store.config))
+
+
+def open_online(repo: Path, state_dir: Path, pipeline: str, store=None) -> Online:
+    """The online store as this process should reach it: through the feature server when one
+    is configured (``services.feast.url``, exported as $LLMOPS_FEATURE_SERVER) or running for
+    this state folder (``llmops features serve``), else opened here (``store`` or a new one)."""
+    from components import featureserver
+
+    remote = featureserver.remote(state_dir, pipeline)
+    if remote is not None:
+        return remote
+    return LocalOnline(store if store is not None else open_store(repo, state_dir, pipeline))
+
+
+def materialize(online: Online, start: datetime | None, end: datetime, views: list[str] | None = None) -> None:
+    """Load feature values into the online store (see :meth:`LocalOnline.materialize`)."""
+    online.materialize(start, end, views)
 
 
 # ---------------------------------------------------------------- embeddings and retrieval
@@ -150,13 +254,15 @@ class Retriever:
     """Top-k articles for request texts, from the online store's vector index.
 
     Feast 0.67's Milvus ``retrieve_online_documents_v2`` returns the entity ids in rank
-    order but its feature and distance columns in another order, so only the ranked ids
-    are taken from the search; titles and vectors are then read by key
-    (``get_online_features``, cached per article) and the cosine score is computed here.
+    order but its feature and distance columns in another order (in process and over the
+    feature server alike), so only the ranked ids are taken from the search; titles and
+    vectors are then read by key and the cosine score is computed here. ``cache`` keeps
+    articles read once (a stage's batch); a long-running endpoint reads them each time, so
+    a re-materialized article is never served stale.
     """
 
-    def __init__(self, store, embedder: Embedder, top_k: int):
-        self.store, self.embedder, self.top_k = store, embedder, top_k
+    def __init__(self, online: Online, embedder: Embedder, top_k: int, cache: bool = True):
+        self.online, self.embedder, self.top_k, self.cache = online, embedder, top_k, cache
         self._articles: dict[str, tuple[str, np.ndarray]] = {}
 
     def search(self, texts: list[str], progress: bool = False) -> list[list[dict]]:
@@ -167,25 +273,20 @@ class Retriever:
         ranked = []
         for vec in track(vectors, description=f"retrieving top-{self.top_k} articles", disable=not progress,
                          transient=True):
-            with contextlib.redirect_stdout(_io.StringIO()):
-                df = self.store.retrieve_online_documents_v2(
-                    features=["article_embeddings:title"], query=vec.tolist(), top_k=self.top_k,
-                    distance_metric="COSINE").to_df()
-            ranked.append((vec, [str(a) for a in df.article_id] if "article_id" in df else []))
-        self._load({a for _, ids in ranked for a in ids} - set(self._articles))
-        return [[{"article_id": a, "title": self._articles[a][0],
-                  "score": round(float(self._articles[a][1] @ vec), 4)} for a in ids] for vec, ids in ranked]
+            ranked.append((vec, self.online.search(f"{ARTICLE_VIEW}:title", vec.tolist(), self.top_k)))
+        articles = self._articles if self.cache else {}
+        self._load({a for _, ids in ranked for a in ids} - set(articles), articles)
+        return [[{"article_id": a, "title": articles[a][0],
+                  "score": round(float(articles[a][1] @ vec), 4)} for a in ids] for vec, ids in ranked]
 
-    def _load(self, ids: set[str]) -> None:
+    def _load(self, ids: set[str], into: dict) -> None:
         if not ids:
             return
         order = sorted(ids)
-        with contextlib.redirect_stdout(_io.StringIO()):
-            rows = self.store.get_online_features(
-                features=["article_embeddings:title", "article_embeddings:embedding"],
-                entity_rows=[{"article_id": a} for a in order]).to_dict()
-        for a, title, emb in zip(rows["article_id"], rows["title"], rows["embedding"]):
-            self._articles[a] = (title, np.asarray(emb, dtype=np.float32))
+        rows = self.online.read([{ARTICLE_KEY: a} for a in order],
+                                features=[f"{ARTICLE_VIEW}:title", f"{ARTICLE_VIEW}:embedding"])
+        for a, title, emb in zip(rows[ARTICLE_KEY], rows["title"], rows["embedding"]):
+            into[a] = (title, np.asarray(emb, dtype=np.float32))
 
 
 # ---------------------------------------------------------------- features of a request
@@ -204,25 +305,32 @@ def historical_features(store, cfg: FeaturesSpec, requests: pd.DataFrame, time_c
     return joined.sort_values("_order").reset_index(drop=True)[names]
 
 
-def online_features(store, cfg: FeaturesSpec, entity: str) -> dict[str, Any]:
-    """The entity's features now (the online store). An entity the store does not know gets
-    None values (``unknown_customer: default``) or a StageError (``error``)."""
+def service_fields(store, cfg: FeaturesSpec) -> tuple[list[str], list[str]]:
+    """(the feature service's feature names, those of them stored in views rather than
+    computed on demand), from the registry: a long-running reader takes them once."""
     service, names = feature_service(store, cfg.feature_service)
-    with contextlib.redirect_stdout(_io.StringIO()):
-        row = store.get_online_features(features=service, entity_rows=[{cfg.entity_key: entity}]).to_dict()
+    views = {v.name for v in store.list_feature_views(allow_cache=True)}  # on-demand views derive from these
+    return names, [f.name for p in service.feature_view_projections if p.name in views for f in p.features]
+
+
+def online_features(store, online: Online, cfg: FeaturesSpec, entity: str,
+                    fields: tuple[list[str], list[str]] | None = None) -> dict[str, Any]:
+    """The entity's features now (the online store; ``store`` for the registry, or
+    ``fields`` from :func:`service_fields`). An entity the store does not know gets None
+    values (``unknown_customer: default``) or a StageError (``error``)."""
+    names, stored = fields or service_fields(store, cfg)
+    row = online.read([{cfg.entity_key: entity}], service=cfg.feature_service)
     values = {f: row[f][0] for f in names}
-    views = {v.name for v in store.list_feature_views()}  # stored views (on-demand ones derive from them)
-    stored = [f.name for p in service.feature_view_projections if p.name in views for f in p.features]
     if all(values[f] is None for f in stored or names) and cfg.unknown_customer == "error":
         raise StageError(f"unknown {cfg.entity_key} {entity!r}: no features in the online store")
     return values
 
 
-def online_context(store, retriever: Retriever | None, cfg: FeaturesSpec, task: TaskSpec, request: dict,
-                   ) -> dict[str, Any]:
+def online_context(store, online: Online, retriever: Retriever | None, cfg: FeaturesSpec, task: TaskSpec,
+                   request: dict) -> dict[str, Any]:
     """What serving needs for one request: the entity's features now, the top-k articles
     and the chat messages, built by the same function training uses."""
-    features = online_features(store, cfg, str(request[cfg.entity_key]))
+    features = online_features(store, online, cfg, str(request[cfg.entity_key]))
     articles = retriever.search([query_text(request, task)])[0] if retriever and task.uses_retrieval() else []
     return {"features": features, "articles": articles,
             "messages": build_messages({**request, **features}, task, articles)}

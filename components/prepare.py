@@ -16,8 +16,8 @@ import json
 import pandas as pd
 from pydantic import Field
 
-from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table
-from components.featurestore import Embedder, FeaturesSpec, Retriever, historical_features, open_store
+from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, plain
+from components.featurestore import Embedder, FeaturesSpec, Retriever, historical_features, open_online, open_store
 from components.reports import PrepareReport, SplitInfo
 from components.splits import SPLITS, SplitFractions, split_of
 from components.task import AnswerSchema, TaskSpec, answer_json, build_messages, labels_of, query_text, \
@@ -57,8 +57,12 @@ def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
     rows = joined.to_dict("records")
     if task.uses_retrieval():
         embedder = Embedder(features_cfg.embedding_model, io.models, io.state_dir, features_cfg.batch_size)
-        retriever = Retriever(store, embedder, features_cfg.top_k)
-        retrieved = retriever.search([query_text(r, task) for r in rows], progress=True)
+        online = open_online(io.feature_repo, io.state_dir, io.pipeline, store)
+        try:
+            retrieved = Retriever(online, embedder, features_cfg.top_k).search([query_text(r, task) for r in rows],
+                                                                               progress=True)
+        finally:
+            online.close()  # another process (a feature server) may open the store now
     else:
         retrieved = [[] for _ in rows]
 
@@ -75,7 +79,7 @@ def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
                                                                 "content": answer_json(labels, task)}],
             "labels": labels,
             "retrieved": [a["article_id"] for a in articles],
-            "meta": {k: _plain(row.get(k)) for k in cfg.slice_by},
+            "meta": {k: plain(row.get(k)) for k in cfg.slice_by},
         }
         buckets[split].append(json.dumps(example, ensure_ascii=False, sort_keys=True, default=str))
         if gold_article:
@@ -108,10 +112,4 @@ def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
                + (f" and the top {k} retrieved articles (recall@{k} {recall['all']:.3f})" if recall else "")
                + ".\n\n" + markdown_table(table))
     return StageResult(outputs=outputs, report=report, summary=summary)
-
-
-def _plain(value):
-    if value is None or value != value:
-        return None
-    return value.item() if hasattr(value, "item") else value
 

@@ -1,6 +1,7 @@
 """`llmops data ...`, `llmops features ...`, `llmops dvc ...`: demo data, the Feast store, dvc.yaml."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -55,12 +56,14 @@ def features_apply(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = 
     from components import featurestore
 
     spec, name, _, repo, _ = _feast(file, pipeline)
+    state = spec.state_dir(_root(file))
     try:
-        store = featurestore.open_store(repo, spec.state_dir(_root(file)), name, require_registry=False)
-        featurestore.apply(store, repo)
+        online = featurestore.open_online(repo, state, name, featurestore.open_store(repo, state, name, False))
+        featurestore.apply(online, repo)
+        online.close()
     except StageError as exc:
         _fail(str(exc), code=1)
-    out.print(f"applied {repo} -> registry {featurestore.feast_state(spec.state_dir(_root(file)), name) / 'registry.db'}")
+    out.print(f"applied {repo} -> registry {featurestore.feast_state(state, name) / 'registry.db'} ({online.where})")
 
 
 @features_app.command("embed")
@@ -94,12 +97,63 @@ def features_materialize(file: SpecFile = Path(DEFAULT_SPEC), pipeline: Pipeline
     from components import featurestore
 
     spec, name, _, repo, _ = _feast(file, pipeline)
+    state = spec.state_dir(_root(file))
+    started = time.perf_counter()
     try:
-        store = featurestore.open_store(repo, spec.state_dir(_root(file)), name)
-        featurestore.materialize(store, None, datetime.now(timezone.utc))
+        online = featurestore.open_online(repo, state, name, featurestore.open_store(repo, state, name))
+        with console.status(f"materializing {online.where} ..."):
+            featurestore.materialize(online, None, datetime.now(timezone.utc))
+        online.close()
     except StageError as exc:
         _fail(str(exc), code=1)
-    out.print("materialized up to now")
+    out.print(f"materialized up to now ({online.where}) in {time.perf_counter() - started:.1f} s")
+
+
+@features_app.command("serve")
+def features_serve(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None,
+                   port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0) -> None:
+    """Start the feature server in the background: the one process that opens the online
+    store, so the endpoint, pipeline runs and monitoring can use it at the same time."""
+    from components import featureserver
+
+    spec, name, _, repo, _ = _feast(file, pipeline)
+    try:
+        with console.status("starting the feature server (Feast) ..."):
+            record, started = featureserver.start(repo, spec.state_dir(_root(file)), name, port=port)
+    except StageError as exc:
+        _fail(str(exc), code=1)
+    verb = "started" if started else "already running"
+    out.print(f"feature server {verb}: {record['url']} (pid {record['pid']}, since {record['started']}); "
+              f"log {record['log']}; stop it with `llmops features stop`")
+
+
+@features_app.command("status")
+def features_status(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None) -> None:
+    """Whether a feature server owns the online store, where, and since when (exit 1: none)."""
+    from components import featureserver
+
+    spec, name, _, _, _ = _feast(file, pipeline)
+    online = featureserver.remote(spec.state_dir(_root(file)), name)
+    if online is None:
+        out.print("no feature server: each process opens the online store itself (one at a time)")
+        raise typer.Exit(1)
+    healthy = online.healthy()
+    record = featureserver.running(spec.state_dir(_root(file)), name) or {}
+    since = f", pid {record['pid']}, since {record['started']}" if record else ""
+    out.print(f"feature server {online.url}{since}: {'healthy' if healthy else 'NOT answering /health'}")
+    if not healthy:
+        raise typer.Exit(1)
+
+
+@features_app.command("stop")
+def features_stop(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None) -> None:
+    """Stop the feature server started by `llmops features serve` (or by `llmops serve`)."""
+    from components import featureserver
+
+    spec, name, _, _, _ = _feast(file, pipeline)
+    record = featureserver.stop(spec.state_dir(_root(file)), name)
+    out.print(f"stopped the feature server {record['url']} (pid {record['pid']})" if record
+              else "no feature server was running")
 
 
 # ---------------------------------------------------------------- dvc

@@ -58,6 +58,8 @@ def configure_environment(spec: Spec, root: Path) -> None:
         os.environ["PREFECT_API_URL"] = spec.services.prefect.api_url
     os.environ["MLFLOW_TRACKING_URI"] = (spec.services.mlflow.tracking_uri
                                          or f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
+    if spec.services.feast.url:  # components/featureserver.py reads it in every process of the run
+        os.environ["LLMOPS_FEATURE_SERVER"] = spec.services.feast.url
 
 
 def stage_dir(spec: Spec, root: Path, pipeline: str, stage: str) -> Path:

@@ -55,6 +55,7 @@ class StorageService(StrictModel):
 
 class FeastService(StrictModel):
     repo: str = "feature_repo"
+    url: str | None = None  # a Feast feature server every process uses (null: the local one, if running)
 
 
 class Services(StrictModel):

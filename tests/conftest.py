@@ -58,9 +58,10 @@ def demo_small() -> generate.DemoData:
 
 
 def build_features_and_prepare(root: Path, data: generate.DemoData, prepare_cfg=None, features_cfg=None,
-                               task=None):
+                               task=None, pipeline: str = "t", state_dir: Path | None = None):
     """Run the features and prepare stages on ``data`` (as validated tables) with a copy of
-    feature_repo/ and a state folder under ``root``; returns (features result, prepare result, io)."""
+    feature_repo/ and a state folder under ``root`` (or ``state_dir``); returns (features
+    result, prepare result, io)."""
     from components import features, prepare
     from components.base import StageIO
     from components.featurestore import FeaturesSpec
@@ -74,7 +75,8 @@ def build_features_and_prepare(root: Path, data: generate.DemoData, prepare_cfg=
     shutil.copytree(REPO / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
     validated = root / "validate"
     data.write(validated)
-    common = dict(pipeline="t", state_dir=root / "state", models=dict(spec.models), feature_repo=repo)
+    common = dict(pipeline=pipeline, state_dir=state_dir or root / "state", models=dict(spec.models),
+                  feature_repo=repo)
     (root / "features").mkdir()
     f_io = StageIO(out_dir=root / "features", inputs={"validate": validated}, **common)
     f_result = features.run(features_cfg, f_io)
@@ -218,7 +220,7 @@ def tiny_run(tiny, tmp_path_factory) -> dict:
 
 
 def register_run(run: dict, out_dir: Path, model_name: str, inputs: dict | None = None,
-                 context: dict | None = None):
+                 context: dict | None = None, sections: dict | None = None):
     """The register stage on a tiny run (its prepare/, finetune/ and evaluate/, plus
     ``inputs`` such as gates/ or compress/) into ``out_dir`` (created), in the active MLflow
     registry; returns the stage's result."""
@@ -232,7 +234,7 @@ def register_run(run: dict, out_dir: Path, model_name: str, inputs: dict | None 
     return register(RegisterSpec(model_name=model_name), StageIO(
         pipeline="t", out_dir=out_dir, state_dir=root / "state",
         inputs={s: root / s for s in ("prepare", "finetune", "evaluate")} | (inputs or {}),
-        sections={"finetune": run["finetune"], "task": TaskSpec()}, context=context or {}))
+        sections={"finetune": run["finetune"], "task": TaskSpec()} | (sections or {}), context=context or {}))
 
 
 # ---------------------------------------------------------------- the shared pipeline run

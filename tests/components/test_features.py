@@ -14,7 +14,7 @@ import pytest
 
 from components import features, featurestore, generate
 from components.base import StageError
-from components.featurestore import (Embedder, FeaturesSpec, Retriever, online_context, online_features,
+from components.featurestore import (Embedder, FeaturesSpec, LocalOnline, Retriever, online_context, online_features,
                                      open_store)
 from components.splits import read_examples
 from components.task import TaskSpec
@@ -95,7 +95,7 @@ def test_training_profiles_are_point_in_time(built, demo):
     ("The desktop sync client takes minutes to load, everything times out", "KB-401"),
 ])
 def test_retrieval_finds_the_article_for_unambiguous_queries(built, query, article):
-    top = Retriever(built["store"], built["embedder"], top_k=3).search([query])[0]
+    top = Retriever(LocalOnline(built["store"]), built["embedder"], top_k=3).search([query])[0]
     assert top[0]["article_id"] == article
     assert top[0]["score"] >= top[1]["score"] >= top[2]["score"]
 
@@ -109,7 +109,7 @@ def test_retrieval_ranking_matches_brute_force_cosine(built):
     table = pd.read_parquet(built["root"] / "features" / "article_embeddings.parquet")
     vectors = np.stack(table.embedding.values)
     queries = ["refund for the android app", "dashboards are slow", "connect Salesforce to the shared inbox"]
-    found = Retriever(built["store"], built["embedder"], top_k=5).search(queries)
+    found = Retriever(LocalOnline(built["store"]), built["embedder"], top_k=5).search(queries)
     for q, hits in zip(built["embedder"].encode(queries), found):
         exact = table.article_id.values[np.argsort(-(vectors @ q))[:5]]
         assert [h["article_id"] for h in hits] == list(exact)
@@ -126,24 +126,26 @@ def test_training_and_serving_build_the_same_prompt(built, demo, tmp_path):
     shutil.copytree(featurestore.feast_state(io.state_dir, io.pipeline) / "offline",
                     featurestore.feast_state(state, io.pipeline) / "offline")
     store = open_store(io.feature_repo, state, io.pipeline, require_registry=False)
-    featurestore.apply(store, io.feature_repo)
+    online = LocalOnline(store)
+    featurestore.apply(online, io.feature_repo)
     start = datetime(2020, 1, 1, tzinfo=timezone.utc)
-    featurestore.materialize(store, start, datetime.now(timezone.utc), views=["article_embeddings"])
-    featurestore.materialize(store, start, ticket.created_at.to_pydatetime(), views=["customer_profile"])
-    retriever = Retriever(store, built["embedder"], top_k=3)
-    context = online_context(store, retriever, FeaturesSpec(), TaskSpec(),
+    featurestore.materialize(online, start, datetime.now(timezone.utc), views=["article_embeddings"])
+    featurestore.materialize(online, start, ticket.created_at.to_pydatetime(), views=["customer_profile"])
+    retriever = Retriever(online, built["embedder"], top_k=3)
+    context = online_context(store, online, retriever, FeaturesSpec(), TaskSpec(),
                              {"ticket_id": example["ticket_id"], **ticket.to_dict()})
     assert context["messages"] == example["messages"][:2]
     assert [a["article_id"] for a in context["articles"]] == example["retrieved"]
 
 
 def test_unknown_customer(built):
-    profile = online_features(built["store"], FeaturesSpec(), "CUST-9999")
+    online = LocalOnline(built["store"])
+    profile = online_features(built["store"], online, FeaturesSpec(), "CUST-9999")
     assert profile == {"plan": None, "tenure_days": None, "open_tickets_30d": None, "seats": None,
                        "new_customer": "unknown", "busy_account": "unknown", "account_weight": "unknown"}
     with pytest.raises(StageError, match="unknown customer_id 'CUST-9999': no features in the online store"):
-        online_features(built["store"], FeaturesSpec(unknown_customer="error"), "CUST-9999")
-    context = online_context(built["store"], Retriever(built["store"], built["embedder"], 3), FeaturesSpec(),
+        online_features(built["store"], online, FeaturesSpec(unknown_customer="error"), "CUST-9999")
+    context = online_context(built["store"], online, Retriever(online, built["embedder"], 3), FeaturesSpec(),
                              TaskSpec(), {"customer_id": "CUST-9999", "channel": "chat",
                                           "subject": "Refund", "body": "charged twice for Tessera Sync"})
     assert "| plan: unknown | account weight: unknown\n" in context["messages"][1]["content"]
@@ -152,7 +154,7 @@ def test_unknown_customer(built):
 def test_a_second_apply_in_the_same_process_uses_its_own_sources(built, tmp_path):
     io = built["io"]
     store = open_store(io.feature_repo, tmp_path / "other-state", "t", require_registry=False)
-    featurestore.apply(store, io.feature_repo)
+    featurestore.apply_here(store, io.feature_repo)
     other = store.registry.get_data_source("customer_profiles", store.project)
     assert other.path.startswith(str(tmp_path / "other-state"))
     mine = built["store"].registry.get_data_source("customer_profiles", built["store"].project, allow_cache=False)
