@@ -32,7 +32,7 @@ def serve(
     from serving.settings import load_keys
 
     spec = _load(file, overrides, pipeline)
-    _, pipe = spec.pipeline(pipeline)
+    name, pipe = spec.pipeline(pipeline)
     cfg = pipe.serve
     root = _root(file)
     configure_environment(spec, root)
@@ -70,7 +70,14 @@ def serve(
             spec.state_dir(root) / "serving" / "requests" / served.name
         log = RequestLog(folder if folder.is_absolute() else root / folder, cfg.request_log.max_file_mib,
                          cfg.request_log.max_queue, cfg.request_log.redact_pii)
-    application = create_app(served, engine, cfg, keys, log)
+    triage = None
+    if cfg.triage:
+        from serving.triage import open_triage
+
+        with console.status("opening the feature store (starting the feature server if none runs) ..."):
+            triage = open_triage(served.manifest, pipe.features, (root / spec.services.feast.repo).resolve(),
+                                 spec.state_dir(root), name, dict(spec.models))
+    application = create_app(served, engine, cfg, keys, log, triage)
     bind_host, bind_port = host or cfg.host, port or cfg.port
     console.print(f"serving {served.id} ({ref}, {served.variant}) loaded in {served.load_s} s from {served.folder}",
                   highlight=False)
@@ -78,9 +85,17 @@ def serve(
                   f"API keys: {f'{len(keys)} configured' if keys else 'none needed'}; batches of up to "
                   f"{b.max_batch_size}, queue {b.max_queue}; request log: {log.folder if log else 'off'}",
                   highlight=False)
+    if triage is not None:
+        console.print(f"  http://{bind_host}:{bind_port}/v1/triage: "
+                      + (f"[yellow]{triage.problem}[/yellow]" if triage.problem else
+                         f"features and top-{triage.features.top_k} articles {triage.online.where}"), highlight=False)
     try:
         uvicorn.run(application, host=bind_host, port=bind_port, log_level="warning", access_log=False)
     finally:
         engine.stop()
         if log is not None:
             log.close()
+        if triage is not None and triage.started_server:  # one started for this endpoint goes with it
+            from components import featureserver
+
+            featureserver.stop(spec.state_dir(root), name)

@@ -24,7 +24,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -97,8 +97,75 @@ def golden_check(served: ServedModel, engine: Engine, state: dict, timeout_s: fl
         state.update(ready=True, reason=None, golden_s=round(done.total_s, 3))
 
 
+@dataclass
+class Generation:
+    """One request's generation: from the cache (``hit``) or the engine (``job``), its events."""
+    job: Request
+    events: asyncio.Queue
+    hit: Finished | None
+    key: tuple | None
+
+
+@dataclass
+class Shared:
+    """What the routes share: the model and its engine, the limits, metrics, response cache,
+    quota and request log."""
+    served: ServedModel
+    engine: Engine
+    spec: ServeSpec
+    metrics: Metrics
+    cache: ResponseCache
+    quota: Quota
+    log: RequestLog | None
+
+    def check_prompt(self, ids: list[int], caller: str, param: str) -> None:
+        """400 for a prompt over the token limit; 429 over the caller's token quota."""
+        if len(ids) > self.spec.limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {self.spec.limits.max_prompt_tokens} "
+                                "(serve.limits.max_prompt_tokens)", param=param, code="prompt_too_long")
+        try:
+            _check_quota(self.quota.admit_tokens(caller, len(ids)), caller)
+        except ApiError:
+            self.metrics.rejected.labels("rate_limited").inc()
+            raise
+
+    def start(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+              stop: list[str] | None = None, json_only: bool = False) -> Generation:
+        """Answer from the cache (greedy requests), or queue the request (429 when full)."""
+        stop = stop or []
+        key = ResponseCache.key(self.served.id, ids, max_tokens, stop, json_only) if temperature == 0 else None
+        hit = self.cache.get(key) if key is not None else None
+        if key is not None and self.cache.enabled:
+            self.metrics.cache.labels("hit" if hit else "miss").inc()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Request(ids, max_tokens, temperature, top_p, stop,
+                      emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event), json_only=json_only)
+        if hit is not None:  # answered before: the same events, without the engine
+            events.put_nowait(("delta", hit.text))
+            events.put_nowait(("done", replace(hit, queued_s=0.0, first_token_s=0.0, total_s=0.0, batch_size=0)))
+        else:
+            try:
+                self.engine.submit(job)
+            except QueueFull as exc:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise ApiError(429, f"the endpoint is at capacity: {exc}; retry later", kind="rate_limit_error",
+                               code="queue_full", headers={"Retry-After": str(self.spec.batching.retry_after_s)}
+                               ) from None
+        return Generation(job, events, hit, key)
+
+    def settle(self, gen: Generation, done: Finished, caller: str) -> None:
+        """Count a finished generation, charge the caller's quota, keep a finished answer."""
+        if gen.hit is not None:
+            return
+        _observe(self.metrics, done)
+        self.quota.spend(caller, done.prompt_tokens + done.completion_tokens)
+        if gen.key is not None and done.finish_reason in ("stop", "length"):  # never a cut-off answer
+            self.cache.put(gen.key, done)
+
+
 def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[str, str] | None = None,
-               log: RequestLog | None = None) -> FastAPI:
+               log: RequestLog | None = None, triage=None) -> FastAPI:
     """The API around a loaded model and its running engine. ``keys``: key id -> secret;
     empty or None: no key needed. ``log``: where every chat request is recorded. On start-up
     the golden prompt is answered in the background: /ready says 503 until it is."""
@@ -116,6 +183,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
     cache = ResponseCache(spec.cache.max_entries, spec.cache.ttl_s)
     quota = Quota(spec.rate_limits.requests_per_minute, spec.rate_limits.tokens_per_minute)
     engine.on_batch = lambda size, seconds: metrics.batch.observe(size)
+    shared = Shared(served, engine, spec, metrics, cache, quota, log)
     names = {served.id, served.name, f"{served.name}/{served.version}"}
     if served.alias:
         names.add(f"{served.name}@{served.alias}")
@@ -170,7 +238,9 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
 
     @app.get("/ready")
     async def ready():
-        reason = not_ready_reason(engine, state, spec.limits.request_timeout_s)
+        reasons = [not_ready_reason(engine, state, spec.limits.request_timeout_s),
+                   await asyncio.to_thread(triage.unavailable) if triage is not None else None]
+        reason = "; ".join(r for r in reasons if r)
         body = {"status": "not ready" if reason else "ready", "model": served.id, "variant": served.variant}
         if reason:
             return JSONResponse(body | {"reason": reason}, 503)
@@ -198,53 +268,24 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
                                 f"(also as {', '.join(sorted(names - {served.id}))})", param="model",
                            code="model_not_found")
         ids = prompt_ids([m.model_dump() for m in body.messages], served.tokenizer)
-        if len(ids) > spec.limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {spec.limits.max_prompt_tokens} "
-                                "(serve.limits.max_prompt_tokens)", param="messages", code="prompt_too_long")
         max_tokens = body.max_completion_tokens or body.max_tokens or spec.limits.default_max_tokens
-        if max_tokens > spec.limits.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {spec.limits.max_tokens} "
-                                "(serve.limits.max_tokens)", param="max_tokens", code="max_tokens_too_large")
-        try:
-            _check_quota(quota.admit_tokens(request.state.caller, len(ids)), request.state.caller)
-        except ApiError:
-            metrics.rejected.labels("rate_limited").inc()
-            raise
+        check_max_tokens(max_tokens, spec)
+        shared.check_prompt(ids, request.state.caller, "messages")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         wants_json = body.response_format is not None and body.response_format.type != "text"
         if wants_json:
             check_schema(body.response_format)  # before any work: a bad schema is the request's fault
         started, completion_id, created = time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        key = ResponseCache.key(served.id, ids, max_tokens, stop, wants_json) if body.temperature == 0 else None
-        hit = cache.get(key) if key is not None else None
-        if key is not None and cache.enabled:
-            metrics.cache.labels("hit" if hit else "miss").inc()
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Request(ids, max_tokens, body.temperature, body.top_p, stop,
-                      emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                      json_only=wants_json)
-        if hit is not None:  # answered before: the same events, without the engine
-            events.put_nowait(("delta", hit.text))
-            events.put_nowait(("done", replace(hit, queued_s=0.0, first_token_s=0.0, total_s=0.0, batch_size=0)))
-        else:
-            try:
-                engine.submit(job)
-            except QueueFull as exc:
-                metrics.rejected.labels("queue_full").inc()
-                raise ApiError(429, f"the endpoint is at capacity: {exc}; retry later", kind="rate_limit_error",
-                               code="queue_full", headers={"Retry-After": str(spec.batching.retry_after_s)}) from None
+        gen = shared.start(ids, max_tokens, body.temperature, body.top_p, stop, wants_json)
+        job, events, hit = gen.job, gen.events, gen.hit
 
         def finished(done: Finished | None, status: int = 200, error: str | None = None) -> dict | None:
             """Cache, count and log a request's outcome; the JSON check for JSON answers."""
             check = json_check(done.text, body.response_format, served.schema) if done and wants_json else None
             if body.stream:
                 metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
-            if done is not None and hit is None:
-                _observe(metrics, done)
-                quota.spend(request.state.caller, done.prompt_tokens + done.completion_tokens)
-                if key is not None and done.finish_reason in ("stop", "length"):  # never a cut-off answer
-                    cache.put(key, done)
+            if done is not None:
+                shared.settle(gen, done, request.state.caller)
             if log is not None:
                 log.append({"request_id": completion_id, "time": now_iso(), "route": "/v1/chat/completions",
                             "key_id": getattr(request.state, "key_id", None), "model": served.id,
@@ -276,7 +317,17 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
             response["llmops"] = check
         return response
 
+    if triage is not None:
+        from serving.triage import add_route
+
+        add_route(app, shared, triage)
     return app
+
+
+def check_max_tokens(max_tokens: int, spec: ServeSpec) -> None:
+    if max_tokens > spec.limits.max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {spec.limits.max_tokens} "
+                            "(serve.limits.max_tokens)", param="max_tokens", code="max_tokens_too_large")
 
 
 def not_ready_reason(engine: Engine, state: dict, stall_s: float) -> str | None:

@@ -129,8 +129,11 @@ class RequestLog:
 
 
 def redact_record(record: dict) -> dict:
-    """The record with PII replaced in its messages' contents and its answer."""
+    """The record with PII replaced in its messages' contents, its answer and a triage
+    request's ticket fields."""
     out = dict(record)
+    if isinstance(out.get("ticket"), dict):
+        out["ticket"] = {k: redact_text(v)[0] if isinstance(v, str) else v for k, v in out["ticket"].items()}
     if isinstance(out.get("answer"), str):
         out["answer"] = redact_text(out["answer"])[0]
     if isinstance(out.get("messages"), list):

@@ -53,6 +53,7 @@ class ServeSpec(StrictModel):
     # or one per line in api_keys_file (kept out of git). None set: no key is needed.
     api_keys_env: str = "LLMOPS_API_KEYS"
     api_keys_file: str | None = None
+    triage: bool = True  # POST /v1/triage (needs the feature server: `llmops serve` starts one if none runs)
     batching: BatchingSpec = BatchingSpec()
     limits: LimitsSpec = LimitsSpec()
     rate_limits: RateLimitSpec = RateLimitSpec()

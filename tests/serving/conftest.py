@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import register_run, sqlite_registry
+from tests.conftest import build_features_and_prepare, make_project, register_run, run_cli, sqlite_registry
 
 NAME = "triage-serve"
 
@@ -103,15 +103,49 @@ def serve_app(served):
 
     engines = []
 
-    def make(spec: ServeSpec | None = None, keys: dict | None = None, start: bool = True, log=None, version=None):
+    def make(spec: ServeSpec | None = None, keys: dict | None = None, start: bool = True, log=None, version=None,
+             triage=None):
         spec, version = spec or ServeSpec(), version or served
         b = spec.batching
         engine = Engine(version.tokenizer, version.model, b.max_batch_size, b.max_wait_ms, b.max_queue)
         if start:
             engine.start()
             engines.append(engine)
-        return LiveServer(create_app(version, engine, spec, keys, log))
+        return LiveServer(create_app(version, engine, spec, keys, log, triage))
 
     yield make
     for engine in engines:
         engine.stop()
+
+
+PIPELINE = "support-triage"
+
+
+@pytest.fixture(scope="session")
+def feature_project(demo_small, tmp_path_factory):
+    """A small project whose state folder holds the Feast store that the features and
+    prepare stages built from the small demo data, served by the feature server that
+    `llmops features serve` starts (and `llmops features stop` stops at the end)."""
+    project = make_project(tmp_path_factory.mktemp("triage") / "project")
+    stages = project.parent / "stages"
+    build_features_and_prepare(stages, demo_small, pipeline=PIPELINE, state_dir=project / ".llmops")
+    started = run_cli(["features", "serve"], cwd=project, check=True)
+    yield {"project": project, "state": project / ".llmops", "prepare": stages / "prepare", "data": demo_small,
+           "serve_stdout": started.stdout}
+    stopped = run_cli(["features", "stop"], cwd=project)
+    assert stopped.returncode == 0 and "stopped the feature server" in stopped.stdout, stopped.stdout + stopped.stderr
+
+
+@pytest.fixture(scope="session")
+def triage(feature_project, served):
+    """The champion's prompt over the feature project's stores, through its feature server."""
+    from components.featurestore import FeaturesSpec
+    from llmops.spec import load_spec
+    from serving.triage import open_triage
+    from tests.conftest import REPO
+
+    spec = load_spec(REPO / "pipelines.yaml", env={})
+    found = open_triage(served.manifest, FeaturesSpec(), feature_project["project"] / "feature_repo",
+                        feature_project["state"], PIPELINE, dict(spec.models), start_server=False)
+    assert found.problem is None, found.problem
+    return found

@@ -49,6 +49,9 @@ def test_serve_starts_prints_what_it_serves_and_answers(champion, tmp_path):
     assert f"serving {NAME}/1 ({NAME}@champion, base+adapter) loaded in" in err
     assert f"http://127.0.0.1:{port}/v1/chat/completions" in err and "API keys: none needed" in err
     assert "Traceback" not in err
+    # no features were ever built in this state folder: triage says so, no feature server starts
+    assert "/v1/triage: triage is unavailable: no Feast registry in" in err
+    assert not (tmp_path / "state" / "feast" / "support-triage" / "server.json").exists()
 
 
 @pytest.mark.parametrize("model, message", [
