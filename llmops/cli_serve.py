@@ -88,7 +88,9 @@ def serve(
     if triage is not None:
         console.print(f"  http://{bind_host}:{bind_port}/v1/triage: "
                       + (f"[yellow]{triage.problem}[/yellow]" if triage.problem else
-                         f"features and top-{triage.features.top_k} articles {triage.online.where}"), highlight=False)
+                         f"features and top-{triage.features.top_k} articles {triage.online.where}"
+                         + (" (started for this endpoint; stopped when it exits)" if triage.started_server else "")),
+                      highlight=False)
     try:
         uvicorn.run(application, host=bind_host, port=bind_port, log_level="warning", access_log=False)
     finally:
