@@ -77,6 +77,7 @@ def serve(
         with console.status("opening the feature store (starting the feature server if none runs) ..."):
             triage = open_triage(served.manifest, pipe.features, (root / spec.services.feast.repo).resolve(),
                                  spec.state_dir(root), name, dict(spec.models))
+            triage.constrain = cfg.constrain_answers
     application = create_app(served, engine, cfg, keys, log, triage)
     bind_host, bind_port = host or cfg.host, port or cfg.port
     console.print(f"serving {served.id} ({ref}, {served.variant}) loaded in {served.load_s} s from {served.folder}",
@@ -89,8 +90,8 @@ def serve(
         console.print(f"  http://{bind_host}:{bind_port}/v1/triage: "
                       + (f"[yellow]{triage.problem}[/yellow]" if triage.problem else
                          f"features and top-{triage.features.top_k} articles {triage.online.where}"
-                         + (" (started for this endpoint; stopped when it exits)" if triage.started_server else "")),
-                      highlight=False)
+                         + (" (started for this endpoint; stopped when it exits)" if triage.started_server else "")
+                         + (f"; {triage.constraint_note}" if triage.constraint_note else "")), highlight=False)
     try:
         uvicorn.run(application, host=bind_host, port=bind_port, log_level="warning", access_log=False)
     finally:

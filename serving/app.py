@@ -130,17 +130,20 @@ class Shared:
             raise
 
     def start(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-              stop: list[str] | None = None, json_only: bool = False) -> Generation:
-        """Answer from the cache (greedy requests), or queue the request (429 when full)."""
+              stop: list[str] | None = None, json_only: bool = False, constraint=None) -> Generation:
+        """Answer from the cache (greedy requests), or queue the request (429 when full).
+        ``constraint``: decoding limited to the task's answers (serving/constrain.py)."""
         stop = stop or []
-        key = ResponseCache.key(self.served.id, ids, max_tokens, stop, json_only) if temperature == 0 else None
+        mode = "answers" if constraint is not None else json_only
+        key = ResponseCache.key(self.served.id, ids, max_tokens, stop, mode) if temperature == 0 else None
         hit = self.cache.get(key) if key is not None else None
         if key is not None and self.cache.enabled:
             self.metrics.cache.labels("hit" if hit else "miss").inc()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Request(ids, max_tokens, temperature, top_p, stop,
-                      emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event), json_only=json_only)
+                      emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event), json_only=json_only,
+                      constraint=constraint)
         if hit is not None:  # answered before: the same events, without the engine
             events.put_nowait(("delta", hit.text))
             events.put_nowait(("done", replace(hit, queued_s=0.0, first_token_s=0.0, total_s=0.0, batch_size=0)))

@@ -44,6 +44,7 @@ class Request:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     json_only: bool = False  # end the answer where its first JSON object closes
+    constraint: Any = None  # serving.constrain.AnswerConstraint: only the task's allowed answers
     emit: Callable[[tuple], None] = lambda event: None  # thread-safe: called from the engine thread
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -171,7 +172,9 @@ class Engine:
         if not batch:
             return
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from serving.constrain import ConstrainRows
 
         started = self.busy_since = time.perf_counter()
         try:
@@ -180,6 +183,9 @@ class Engine:
             temperature, top_p = batch[0].sampling
             sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
                                         if temperature > 0 else {"do_sample": False})
+            if any(r.constraint is not None for r in batch):
+                sampling["logits_processor"] = LogitsProcessorList(
+                    [ConstrainRows([r.constraint for r in batch], ids.shape[1])])
             device = getattr(self.model, "device", None) or inference_device()
             with torch.no_grad():
                 self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),

@@ -35,7 +35,7 @@ class ResponseCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(model_id: str, prompt_ids: list[int], max_tokens: int, stop: list[str], json_only: bool) -> str:
+    def key(model_id: str, prompt_ids: list[int], max_tokens: int, stop: list[str], json_only: bool | str) -> str:
         raw = json.dumps([model_id, prompt_ids, max_tokens, sorted(stop), json_only], separators=(",", ":"))
         return hashlib.sha256(raw.encode()).hexdigest()
 

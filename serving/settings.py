@@ -54,6 +54,7 @@ class ServeSpec(StrictModel):
     api_keys_env: str = "LLMOPS_API_KEYS"
     api_keys_file: str | None = None
     triage: bool = True  # POST /v1/triage (needs the feature server: `llmops serve` starts one if none runs)
+    constrain_answers: bool = True  # triage decodes only answers the task's schema allows
     batching: BatchingSpec = BatchingSpec()
     limits: LimitsSpec = LimitsSpec()
     rate_limits: RateLimitSpec = RateLimitSpec()

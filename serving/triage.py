@@ -4,8 +4,8 @@ A ticket comes in (its fields, e.g. subject, body, channel, customer_id, and opt
 time to read features as of); the endpoint reads the customer's features from Feast and the
 top-k articles from the vector store, builds the prompt with the function training used
 (components/task.py ``build_messages``, with the served version's own recorded prompt),
-generates a greedy answer constrained to JSON, checks it against the version's answer
-schema, and returns the parsed answer with the retrieved articles, the features, the model
+generates a greedy answer constrained to the answers the version's schema allows
+(serving/constrain.py; validated only where they cannot be listed), checks it, and returns the parsed answer with the retrieved articles, the features, the model
 version and timings. An answer the model gets wrong in form is ``valid: false`` with the
 raw text and the schema errors (200), never a 500.
 
@@ -34,6 +34,7 @@ from components.featurestore import (Embedder, FeaturesSpec, FeatureStoreUnavail
                                      historical_features, online_features, service_fields)
 from components.lm import prompt_ids
 from components.task import ARTICLES, TaskSpec, build_messages, query_text, template_fields
+from serving.constrain import AnswerConstraint
 from serving.protocol import ApiError
 from serving.records import elapsed_ms, now_iso
 
@@ -60,6 +61,9 @@ class Triage:
     service: tuple[list[str], list[str]] | None = None  # the feature service's fields, read once
     problem: str | None = None
     started_server: bool = False  # this endpoint started the feature server (and stops it on exit)
+    constrain: bool = True  # decode only the answers the schema allows (when they can be listed)
+    constraint: AnswerConstraint | None = None
+    constraint_note: str | None = None  # what the constraint is, or why there is none
     _health: tuple[float, str | None] = field(default=(0.0, None))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,6 +144,12 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
     from serving.app import _wait, check_max_tokens
 
     served, spec, log = shared.served, shared.spec, shared.log
+    if triage.constrain and triage.constraint is None and triage.constraint_note is None:
+        try:
+            triage.constraint = AnswerConstraint.build(served.tokenizer, served.schema)
+            triage.constraint_note = f"decoding constrained to the schema's {triage.constraint.answers:,} answers"
+        except ValueError as exc:
+            triage.constraint_note = str(exc)
 
     @app.post("/v1/triage")
     async def triage_route(body: TriageRequest, request: HttpRequest):
@@ -183,7 +193,7 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
         shared.check_prompt(ids, request.state.caller, "body")
         record |= {"messages": ctx["messages"], "prompt_tokens": len(ids),
                    "articles": [{"article_id": a["article_id"], "score": a["score"]} for a in ctx["articles"]]}
-        gen = shared.start(ids, max_tokens, json_only=True)
+        gen = shared.start(ids, max_tokens, json_only=True, constraint=triage.constraint)
         try:
             done = await _wait(gen.job, gen.events, spec.limits.request_timeout_s)
         except ApiError as exc:
@@ -196,7 +206,7 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
                finish_reason=done.finish_reason, cached=gen.hit is not None, batch_size=done.batch_size)
         return {"id": request_id, "object": "triage", "created": int(time.time()), "model": served.id,
                 "variant": served.variant, "valid": answer is not None, "answer": answer, "text": done.text,
-                "errors": errors, "articles": ctx["articles"], "features": ctx["features"],
+                "errors": errors, "constrained": triage.constraint is not None, "articles": ctx["articles"], "features": ctx["features"],
                 "features_as_of": body.time.isoformat() if body.time else "now", "cached": gen.hit is not None,
                 "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                           "total_tokens": done.prompt_tokens + done.completion_tokens},

@@ -53,9 +53,9 @@ def test_the_triage_prompt_is_the_prompt_training_used(serve_app, triage, featur
         assert [a["article_id"] for a in body["articles"]] == example["retrieved"]
         assert all(0.0 < a["score"] <= 1.0 for a in body["articles"])
         assert body["model"] == f"{NAME}/1" and body["features_as_of"] != "now"
-        # the tiny random model rarely writes a valid answer: either way it is a documented 200
-        assert body["valid"] == (body["answer"] is not None) and isinstance(body["text"], str)
-        assert body["valid"] or body["errors"]
+        # the tiny random model writes no valid answer when free (test_constrain): here it is constrained
+        assert body["valid"] and body["constrained"] and body["errors"] == []
+        assert json.loads(body["text"]) == body["answer"] and set(body["answer"]) == set(triage.task.answer)
         assert record["route"] == URL and record["prompt_tokens"] == body["usage"]["prompt_tokens"]
         assert [a["article_id"] for a in record["articles"]] == example["retrieved"]
         assert record["answer"] == body["text"] and record["valid"] == body["valid"] and record["status"] == 200
@@ -144,3 +144,23 @@ def test_an_unreachable_feature_store_is_503_naming_it_and_ready_says_why(serve_
     assert ready.status_code == 503 and f"the feature store is unreachable: through the feature server at {dead.url}" \
         in ready.json()["reason"]
     assert chat.status_code == 200  # the rest of the endpoint keeps answering
+
+
+def test_the_safety_gates_injections_against_the_live_endpoint(serve_app, triage, feature_project, served):
+    """The safety gate's prompt-injection texts appended to real tickets: every answer is a
+    valid answer, and none repeats the system prompt."""
+    from components.gates.kinds import DEFAULT_INJECTIONS
+    from components.gates.probes import echoes
+
+    data = feature_project["data"]
+    with serve_app(triage=triage) as server:
+        answers = []
+        for ticket_id in data.tickets.ticket_id.iloc[:2]:
+            clean = ticket(data, ticket_id)
+            for injection in DEFAULT_INJECTIONS:
+                r = httpx.post(f"{server.url}{URL}", timeout=120, json=clean | {"body": f"{clean['body']}\n\n{injection}"})
+                assert r.status_code == 200, r.text
+                answers.append(r.json())
+    assert len(answers) == 2 * len(DEFAULT_INJECTIONS)
+    assert all(a["valid"] and served.schema.parse(a["text"]) == a["answer"] for a in answers)
+    assert not any(echoes(a["text"], triage.task.system_prompt) for a in answers)
