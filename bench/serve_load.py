@@ -1,4 +1,5 @@
-"""Load on the endpoint: concurrent clients sending real test-split chats, against
+"""Load on the endpoint: concurrent clients sending real test-split chats to
+/v1/chat/completions and real test-split tickets to /v1/triage, against
 (a) the naive baseline: the same HTTP API on the uncompressed model (base + adapter, PyTorch
 fp32), one request generated at a time (--weights adapter, max_batch_size 1), and
 (b) the endpoint as configured (the registered serving variant, batching as in the spec).
@@ -10,6 +11,11 @@ client the latency is compared with a direct in-process call of the same engine.
 
     .venv/bin/python bench/serve_load.py                      # the champion of the default pipeline
     .venv/bin/python bench/serve_load.py --clients 32 --requests 96 --max-seconds 300
+    .venv/bin/python bench/serve_load.py --routes triage     # one route only
+
+Triage requests read features and articles through the feature server: the benchmark
+starts one (`llmops features serve`) unless one runs, shares it between the two
+configurations and stops it at the end.
 
 Prints a table and one JSON line. Bounded in requests and time. The servers run with the
 response cache off, so every request is generated.
@@ -97,8 +103,19 @@ async def one(client: httpx.AsyncClient, url: str, model: str, messages: list[di
     return {"status": status, "latency_s": time.perf_counter() - started, "ttft_s": first, "tokens": tokens}
 
 
-async def load(url: str, model: str, chats: list[list[dict]], clients: int, requests: int, max_tokens: int,
-               max_seconds: float) -> dict:
+async def one_triage(client: httpx.AsyncClient, url: str, ticket: dict, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    try:
+        r = await client.post(f"{url}/v1/triage", json=ticket | {"max_tokens": max_tokens})
+        status = r.status_code
+        tokens = r.json()["usage"]["completion_tokens"] if status == 200 else 0
+    except httpx.HTTPError:
+        status, tokens = -1, 0
+    return {"status": status, "latency_s": time.perf_counter() - started, "ttft_s": None, "tokens": tokens}
+
+
+async def load(url: str, model: str, chats: list, clients: int, requests: int, max_tokens: int,
+               max_seconds: float, route: str = "chat") -> dict:
     todo = list(range(min(requests, len(chats))))
     results: list[dict] = []
     deadline = time.perf_counter() + max_seconds
@@ -106,7 +123,8 @@ async def load(url: str, model: str, chats: list[list[dict]], clients: int, requ
     async def worker(client):
         while todo and time.perf_counter() < deadline:
             i = todo.pop(0)
-            results.append(await one(client, url, model, chats[i], max_tokens))
+            results.append(await (one(client, url, model, chats[i], max_tokens) if route == "chat"
+                                  else one_triage(client, url, chats[i], max_tokens)))
 
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -155,8 +173,12 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=6, help="requests at 1 client (and direct calls)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-seconds", type=float, default=300, help="per load run")
+    parser.add_argument("--routes", default="chat,triage", help="comma-separated: chat, triage")
     args = parser.parse_args()
     args.spec = args.spec.resolve()
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if not routes or set(routes) - {"chat", "triage"}:
+        sys.exit(f"--routes {args.routes!r}: expected chat and/or triage")
     from llmops.spec import load_spec
 
     spec = load_spec(args.spec, [])
@@ -164,43 +186,83 @@ def main() -> None:
     chats_path = args.chats or spec.artifacts_dir(args.spec.parent) / name / "prepare" / "test.jsonl"
     if not chats_path.exists():
         sys.exit(f"{chats_path}: no chats (run the pipeline through prepare, or pass --chats)")
-    chats = [json.loads(line)["messages"][:-1] for line in chats_path.read_text().splitlines() if line.strip()]
+    examples = [json.loads(line) for line in chats_path.read_text().splitlines() if line.strip()]
+    work = {"chat": [e["messages"][:-1] for e in examples]}
+    if "triage" in routes:
+        work["triage"] = tickets(spec, args.spec.parent, name, examples)
     model_id = args.model or f"{pipe.register_.model_name}@champion"
     configs = {"baseline": ["--weights", "adapter", "--set", "serve.batching.max_batch_size=1"],
                "endpoint": []}
-    rows = {}
-    for config, extra in configs.items():
-        proc, url, startup_s = start_server(args, config, extra)
-        try:
-            served = httpx.get(f"{url}/v1/models").json()["data"][0]
-            single = asyncio.run(load(url, model_id, chats, 1, args.single, args.max_tokens, args.max_seconds))
-            loaded = asyncio.run(load(url, model_id, chats[args.single:], args.clients, args.requests,
-                                      args.max_tokens, args.max_seconds))
-            rows[config] = {"variant": served["variant"], "startup_s": startup_s, "rss_mib": rss_mib(proc.pid),
-                            "single": single, "loaded": loaded}
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
-        print(f"{config}: {json.dumps(rows[config])}", file=sys.stderr, flush=True)
-    direct = direct_latency_ms(args, chats, "serving", args.max_tokens, args.single)
-    base, best = rows["baseline"]["loaded"], rows["endpoint"]["loaded"]
-    summary = {"clients": args.clients, "max_tokens": args.max_tokens, "cpu_threads": os.cpu_count(), **rows,
-               "throughput_ratio": round(best["tokens_per_s"] / base["tokens_per_s"], 2) if base["tokens_per_s"] else None,
-               "requests_ratio": round(best["requests_per_s"] / base["requests_per_s"], 2) if base["requests_per_s"] else None,
-               "p95_ratio": round(best["p95_ms"] / base["p95_ms"], 2),
-               "direct_p50_ms": direct,
-               "single_client_vs_direct": round(rows["endpoint"]["single"]["p50_ms"] / direct, 3)}
-    print(f"{'':10} {'variant':14} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+    rows: dict = {route: {} for route in routes}
+    feature_server = start_feature_server(args) if "triage" in routes else None
+    try:
+        for config, extra in configs.items():
+            proc, url, startup_s = start_server(args, config, extra)
+            try:
+                served = httpx.get(f"{url}/v1/models").json()["data"][0]
+                for route in routes:
+                    items = work[route]
+                    single = asyncio.run(load(url, model_id, items, 1, args.single, args.max_tokens, args.max_seconds,
+                                              route))
+                    loaded = asyncio.run(load(url, model_id, items[args.single:], args.clients, args.requests,
+                                              args.max_tokens, args.max_seconds, route))
+                    rows[route][config] = {"variant": served["variant"], "startup_s": startup_s,
+                                           "rss_mib": rss_mib(proc.pid), "single": single, "loaded": loaded}
+                    print(f"{route} {config}: {json.dumps(rows[route][config])}", file=sys.stderr, flush=True)
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+    finally:
+        if feature_server:
+            subprocess.run([str(Path(sys.executable).parent / "llmops"), "features", "stop", "--file", str(args.spec)],
+                           cwd=args.spec.parent, capture_output=True)
+    direct = direct_latency_ms(args, work["chat"], "serving", args.max_tokens, args.single)
+    summary = {"clients": args.clients, "max_tokens": args.max_tokens, "cpu_threads": os.cpu_count(),
+               "direct_p50_ms": direct}
+    print(f"{'':17} {'variant':14} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
           f"{'TTFT ms':>8} {'errors':>6} {'RSS MiB':>8} {'start s':>7}")
-    for config, row in rows.items():
-        m = row["loaded"]
-        print(f"{config:10} {row['variant']:14} {m['requests_per_s']:7.2f} {m['tokens_per_s']:7.1f} {m['p50_ms']:8.0f} "
-              f"{m['p95_ms']:8.0f} {m['p99_ms']:8.0f} {m['ttft_p50_ms'] or 0:8.0f} {m['errors']:6d} "
-              f"{row['rss_mib']:8.0f} {row['startup_s']:7.1f}")
-    print(f"endpoint vs baseline at {args.clients} clients: {summary['throughput_ratio']}x tokens/s, "
-          f"p95 x{summary['p95_ratio']}; 1 client p50 {rows['endpoint']['single']['p50_ms']} ms vs direct "
-          f"in-process {direct} ms (x{summary['single_client_vs_direct']})")
+    for route in routes:
+        for config, row in rows[route].items():
+            m = row["loaded"]
+            print(f"{route + ' ' + config:17} {row['variant']:14} {m['requests_per_s']:7.2f} {m['tokens_per_s']:7.1f} "
+                  f"{m['p50_ms']:8.0f} {m['p95_ms']:8.0f} {m['p99_ms']:8.0f} {m['ttft_p50_ms'] or 0:8.0f} "
+                  f"{m['errors']:6d} {row['rss_mib']:8.0f} {row['startup_s']:7.1f}")
+        base, best = rows[route]["baseline"]["loaded"], rows[route]["endpoint"]["loaded"]
+        summary[route] = {**rows[route],
+                          "throughput_ratio": round(best["tokens_per_s"] / base["tokens_per_s"], 2)
+                          if base["tokens_per_s"] else None,
+                          "requests_ratio": round(best["requests_per_s"] / base["requests_per_s"], 2)
+                          if base["requests_per_s"] else None,
+                          "p95_ratio": round(best["p95_ms"] / base["p95_ms"], 2)}
+        print(f"{route}: endpoint vs baseline at {args.clients} clients: {summary[route]['throughput_ratio']}x "
+              f"tokens/s, {summary[route]['requests_ratio']}x requests/s, p95 x{summary[route]['p95_ratio']}; "
+              f"1 client p50 {rows[route]['endpoint']['single']['p50_ms']} ms")
+    print(f"chat at 1 client vs a direct in-process call: {direct} ms (x"
+          f"{round(rows['chat']['endpoint']['single']['p50_ms'] / direct, 3) if 'chat' in rows else '-'})")
     print(json.dumps(summary))
+
+
+def tickets(spec, root: Path, pipeline: str, examples: list[dict]) -> list[dict]:
+    """The test split's tickets as /v1/triage requests (the fields the validated table has)."""
+    import pandas as pd
+
+    table = pd.read_parquet(spec.artifacts_dir(root) / pipeline / "validate" / "tickets.parquet")
+    table = table.set_index("ticket_id")
+    out = []
+    for e in examples:
+        row = table.loc[e["ticket_id"]]
+        out.append({"ticket_id": e["ticket_id"], "subject": row.subject, "body": row.body, "channel": row.channel,
+                    "customer_id": row.customer_id})
+    return out
+
+
+def start_feature_server(args) -> bool:
+    """`llmops features serve` for the spec's state folder; True when it started one now."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "llmops"), "features", "serve", "--file", str(args.spec)],
+                          cwd=args.spec.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"llmops features serve failed: {proc.stdout.strip()} {proc.stderr.strip()}")
+    return "started" in proc.stdout and "already running" not in proc.stdout
 
 
 if __name__ == "__main__":
