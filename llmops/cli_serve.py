@@ -68,8 +68,18 @@ def serve(
     if cfg.request_log.enabled:
         folder = Path(cfg.request_log.folder) if cfg.request_log.folder else \
             spec.state_dir(root) / "serving" / "requests" / served.name
+        shipper = None
+        if cfg.request_log.s3_uri:
+            from serving.records import S3Shipper
+
+            try:
+                shipper = S3Shipper(f"{cfg.request_log.s3_uri.rstrip('/')}/{served.name}",
+                                    spec.services.storage.s3_endpoint_url, cfg.request_log.upload_every_s)
+            except ValueError as exc:
+                engine.stop()
+                _fail(str(exc))
         log = RequestLog(folder if folder.is_absolute() else root / folder, cfg.request_log.max_file_mib,
-                         cfg.request_log.max_queue, cfg.request_log.redact_pii)
+                         cfg.request_log.max_queue, cfg.request_log.redact_pii, shipper)
     triage = None
     if cfg.triage:
         from serving.triage import open_triage
@@ -84,7 +94,8 @@ def serve(
                   highlight=False)
     console.print(f"  http://{bind_host}:{bind_port}/v1/chat/completions  (/v1/models /health /ready /metrics); "
                   f"API keys: {f'{len(keys)} configured' if keys else 'none needed'}; batches of up to "
-                  f"{b.max_batch_size}, queue {b.max_queue}; request log: {log.folder if log else 'off'}",
+                  f"{b.max_batch_size}, queue {b.max_queue}; request log: {log.folder if log else 'off'}"
+                  f"{f' -> {log.shipper.uri}' if log and log.shipper else ''}",
                   highlight=False)
     if triage is not None:
         console.print(f"  http://{bind_host}:{bind_port}/v1/triage: "

@@ -76,6 +76,8 @@ class Metrics:
         self.log_written = Gauge("llmops_request_log_written", "Request records written", registry=r)
         self.log_dropped = Gauge("llmops_request_log_dropped", "Request records dropped (queue full or disk "
                                                                "error)", registry=r)
+        self.log_uploads = Gauge("llmops_request_log_uploads", "Request log uploads to S3 by result", ["result"],
+                                 registry=r)
 
 
 def golden_check(served: ServedModel, engine: Engine, state: dict, timeout_s: float) -> None:
@@ -256,6 +258,9 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
         if log is not None:
             metrics.log_written.set(log.written)
             metrics.log_dropped.set(log.dropped)
+            if log.shipper is not None:
+                metrics.log_uploads.labels("ok").set(log.shipper.uploaded)
+                metrics.log_uploads.labels("error").set(log.shipper.errors)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

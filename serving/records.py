@@ -9,12 +9,17 @@ two different prompts never share an answer; another version never matches a key
 The request log appends one JSON line per request to ``requests-<UTC hour>.jsonl`` files in
 its folder (a new file each hour, or sooner when one passes ``max_file_mib``), written by a
 background thread: answering never waits for the disk. When its queue is full a record is
-dropped and counted (``dropped``, and the endpoint's metrics), never silently.
+dropped and counted (``dropped``, and the endpoint's metrics), never silently. With an
+``s3://`` target the same thread also ships the files there (S3Shipper): a file once it is
+finished (the hour or size rolled over, or the log closed) and the current one every
+``upload_every_s`` while it grows; a failed upload is logged and counted and retried with
+the next one, the local file stays.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import threading
 import time
@@ -59,14 +64,48 @@ class ResponseCache:
             return len(self._entries)
 
 
+class S3Shipper:
+    """Copies request log files to ``s3://bucket/prefix/<file name>`` (boto3; credentials
+    from the usual AWS_* variables; ``endpoint_url`` for an S3-compatible server)."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, every_s: float = 60.0):
+        if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
+            raise ValueError(f"serve.request_log.s3_uri: {uri!r} is not s3://bucket[/prefix]")
+        import boto3
+        from botocore.config import Config
+
+        self.uri, self.every_s = uri.rstrip("/"), every_s
+        self.bucket, _, self.prefix = uri[5:].rstrip("/").partition("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=Config(
+            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+        self.uploaded = self.errors = 0
+        self.last_error: str | None = None
+
+    def ship(self, path: Path) -> None:
+        key = f"{self.prefix}/{path.name}" if self.prefix else path.name
+        try:
+            self.client.upload_file(str(path), self.bucket, key)
+            self.uploaded += 1
+        except Exception as exc:  # noqa: BLE001 - a failing upload never stops the log
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logging.getLogger("llmops.serving").warning("request log: upload of %s to %s failed: %s", path.name,
+                                                        self.uri, self.last_error)
+
+
 class RequestLog:
     """Request records appended as JSON lines by a background thread."""
 
-    def __init__(self, folder: Path, max_file_mib: float = 64, max_queue: int = 10_000, redact: bool = False):
+    def __init__(self, folder: Path, max_file_mib: float = 64, max_queue: int = 10_000, redact: bool = False,
+                 shipper: S3Shipper | None = None):
         self.folder, self.max_bytes, self.redact = folder, int(max_file_mib * 2**20), redact
         folder.mkdir(parents=True, exist_ok=True)
         self.written = self.dropped = 0
+        self.shipper = shipper
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._current: Path | None = None  # the file written last
+        self._changed = False  # written since it was last shipped
+        self._shipped_at = time.monotonic()
         self._part = 0
         self._hour = ""
         self._thread = threading.Thread(target=self._drain, name="llmops-request-log", daemon=True)
@@ -98,9 +137,15 @@ class RequestLog:
         return current
 
     def _drain(self) -> None:
+        wait = self.shipper.every_s if self.shipper else None
         while True:
-            record = self._queue.get()
+            try:
+                record = self._queue.get(timeout=wait)
+            except queue.Empty:  # idle: ship what the current file gained
+                self._ship_current()
+                continue
             if record is None:
+                self._ship_current(force=True)
                 return
             batch = [record]
             while len(batch) < 256:  # what else is waiting goes in the same write
@@ -110,6 +155,7 @@ class RequestLog:
                     break
                 if nxt is None:
                     self._write(batch)
+                    self._ship_current(force=True)
                     return
                 batch.append(nxt)
             self._write(batch)
@@ -120,12 +166,24 @@ class RequestLog:
             if self.redact:
                 record = redact_record(record)
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        target = self.path()
+        if self._current is not None and target != self._current and self._changed:
+            self._ship_current(force=True)  # the previous file is finished
         try:
-            with self.path().open("a", encoding="utf-8") as f:
+            with target.open("a", encoding="utf-8") as f:
                 f.writelines(lines)
             self.written += len(lines)
+            self._current, self._changed = target, True
         except OSError:
             self.dropped += len(lines)
+        self._ship_current()
+
+    def _ship_current(self, force: bool = False) -> None:
+        if self.shipper is None or self._current is None or not self._changed:
+            return
+        if force or time.monotonic() - self._shipped_at >= self.shipper.every_s:
+            self.shipper.ship(self._current)
+            self._changed, self._shipped_at = False, time.monotonic()
 
 
 def redact_record(record: dict) -> dict:
