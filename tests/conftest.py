@@ -51,6 +51,24 @@ def _tracking_store(tmp_path_factory):
     assert not stray, f"the tests wrote {stray} into {Path.cwd()}"
 
 
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 API (moto's server) on 127.0.0.1, with test credentials in the environment
+    as production takes them; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def demo_small() -> generate.DemoData:
     """300 tickets from 60 customers: big enough for every split, fast to build."""

@@ -7,7 +7,6 @@ import json
 import boto3
 import pandas as pd
 import pytest
-from moto.server import ThreadedMotoServer
 
 from components.base import StageError, StageIO, file_sha256
 from components.ingest import FilesSource, GenerateSource, IngestSpec, read_tables, run
@@ -36,28 +35,17 @@ def test_files_source_reads_jsonl_like_the_generator_wrote_it(tmp_path, demo_sma
     assert (tickets.created_at == demo_small.tickets.created_at).all()
 
 
-def test_s3_source(tmp_path, demo_small, monkeypatch):
-    # Credentials come from the environment, as in production.
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="support")
-        paths = demo_small.write(tmp_path / "local")
-        for name, path in paths.items():
-            s3.upload_file(str(path), "support", f"2026-11/{name}.parquet")
-        s3.put_object(Bucket="support", Key="2026-11/archive/old.parquet", Body=b"ignored: a subfolder")
-        tables = read_tables("s3://support/2026-11", endpoint)
-        assert len(tables["tickets"]) == 300 and len(tables["articles"]) == 40
-        with pytest.raises(StageError, match="no files under s3://support/nothing-here"):
-            read_tables("s3://support/nothing-here", endpoint)
-    finally:
-        server.stop()
+def test_s3_source(tmp_path, demo_small, s3_endpoint):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="support")
+    paths = demo_small.write(tmp_path / "local")
+    for name, path in paths.items():
+        s3.upload_file(str(path), "support", f"2026-11/{name}.parquet")
+    s3.put_object(Bucket="support", Key="2026-11/archive/old.parquet", Body=b"ignored: a subfolder")
+    tables = read_tables("s3://support/2026-11", s3_endpoint)
+    assert len(tables["tickets"]) == 300 and len(tables["articles"]) == 40
+    with pytest.raises(StageError, match="no files under s3://support/nothing-here"):
+        read_tables("s3://support/nothing-here", s3_endpoint)
 
 
 @pytest.fixture

@@ -110,46 +110,35 @@ def test_two_apps_count_their_own_requests_even_after_feast_is_imported(serve_ap
         assert after['llmops_cache_total{result="hit"}'] == 1 and after['llmops_cache_total{result="miss"}'] == 1
 
 
-def test_the_log_ships_its_files_to_s3_and_survives_a_dead_s3(tmp_path, monkeypatch):
+def test_the_log_ships_its_files_to_s3_and_survives_a_dead_s3(tmp_path, s3_endpoint):
     """Files reach a real S3 server (moto on 127.0.0.1): the current file while it grows, a
     finished one when the next starts, all of it at close. An unreachable S3 is counted;
     the local files are complete and nothing waits for it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from serving.records import S3Shipper
     from tests.serving.conftest import free_port
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="logs")
-        log = RequestLog(tmp_path / "ok", max_file_mib=0.001, shipper=S3Shipper("s3://logs/llmops/m", endpoint,
-                                                                                 every_s=0.2))
-        for i in range(3):
-            log.append({"n": i, "pad": "x" * 1100})  # over the 1 KB limit: a new file for every record
-            time.sleep(0.5)
-        log.close()
-        local = {p.name: p.read_bytes() for p in (tmp_path / "ok").glob("*.jsonl")}
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="llmops/m/")["Contents"]]
-        assert len(local) == 3 and sorted(keys) == sorted(f"llmops/m/{name}" for name in local)
-        for key in keys:
-            assert s3.get_object(Bucket="logs", Key=key)["Body"].read() == local[key.rsplit("/", 1)[1]]
-        assert log.shipper.errors == 0 and log.shipper.uploaded >= 3
-    finally:
-        server.stop()
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="logs")
+    log = RequestLog(tmp_path / "ok", max_file_mib=0.001, shipper=S3Shipper("s3://logs/llmops/m", s3_endpoint,
+                                                                             every_s=0.2))
+    for i in range(3):
+        log.append({"n": i, "pad": "x" * 1100})  # over the 1 KB limit: a new file for every record
+        time.sleep(0.5)
+    log.close()
+    local = {p.name: p.read_bytes() for p in (tmp_path / "ok").glob("*.jsonl")}
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="llmops/m/")["Contents"]]
+    assert len(local) == 3 and sorted(keys) == sorted(f"llmops/m/{name}" for name in local)
+    for key in keys:
+        assert s3.get_object(Bucket="logs", Key=key)["Body"].read() == local[key.rsplit("/", 1)[1]]
+    assert log.shipper.errors == 0 and log.shipper.uploaded >= 3
     dead = RequestLog(tmp_path / "dead", shipper=S3Shipper("s3://logs/x", f"http://127.0.0.1:{free_port()}", 0.1))
     started = time.perf_counter()
     assert all(dead.append({"n": i}) for i in range(50))
     assert time.perf_counter() - started < 1.0  # answering never waits for S3
     dead.close(timeout_s=60)
     assert dead.written == 50 and dead.shipper.errors >= 1 and dead.shipper.uploaded == 0
-    assert "Could not connect" in dead.shipper.last_error or "Connect" in dead.shipper.last_error
+    assert "Connect" in dead.shipper.last_error
     with pytest.raises(ValueError, match="is not s3://bucket"):
         S3Shipper("logs/x")
