@@ -246,10 +246,21 @@ def _changed(project) -> set[str]:
     return set(json.loads(proc.stdout))
 
 
-@pytest.mark.integration
-def test_status_lists_the_stages_an_edited_module_reaches(project):
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """A small project after `dvc repro prepare`, shared by the tests below (each leaves it
+    as it found it: everything up to prepare up to date)."""
+    from tests.conftest import make_project
+
+    project = make_project(tmp_path_factory.mktemp("dvc") / "project")
     first = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
     assert first.returncode == 0, first.stdout + first.stderr
+    return project
+
+
+@pytest.mark.integration
+def test_status_lists_the_stages_an_edited_module_reaches(reproduced):
+    project = reproduced
     assert _changed(project) == set()
     code = {stage: dvcfile.stage_code(stage) for stage in CHEAP}
     users = {path: {s for s in CHEAP if path in code[s]} for deps in code.values() for path in deps}
@@ -266,9 +277,9 @@ def test_status_lists_the_stages_an_edited_module_reaches(project):
 
 
 @pytest.mark.integration
-def test_rerunning_validate_on_the_same_input_reruns_nothing_after_it(project):
-    first = run_cli(["repro", "prepare"], cwd=project, tool="dvc")
-    assert first.returncode == 0, first.stdout + first.stderr
+def test_rerunning_validate_on_the_same_input_reruns_nothing_after_it(reproduced):
+    project = reproduced
+    assert _changed(project) == set()
     validated = project / "artifacts" / "support-triage" / "validate"
     before = {p.relative_to(validated): p.read_bytes() for p in validated.rglob("*") if p.is_file()}
     again = run_cli(["repro", "-f", "-s", "validate"], cwd=project, tool="dvc")
