@@ -178,3 +178,18 @@ def test_embedding_skips_unchanged_articles(built, demo, tmp_path):
     assert not np.allclose(first.embedding[5], second.embedding[5])
     np.testing.assert_array_equal(np.stack(first.embedding.drop(5)), np.stack(second.embedding.drop(5)))
     assert np.allclose(np.linalg.norm(np.stack(second.embedding), axis=1), 1.0, atol=1e-5)
+
+
+def test_a_feature_server_refuses_a_store_another_process_has_open(built):
+    """Milvus Lite's lock: with the store open here (as in a running features or prepare
+    stage), the feature server exits and says what holds the store and what to do."""
+    from components import featureserver
+
+    io = built["io"]
+    LocalOnline(built["store"]).read([{"customer_id": "CUST-0001"}], features=["customer_profile:plan"])
+    with pytest.raises(featurestore.FeatureStoreUnavailable,
+                       match=r"online_store.db is open in another process \(a pipeline run's features or prepare "
+                             r"stage, or `llmops features materialize`\); start the feature server when it has "
+                             "finished"):
+        featureserver.start(io.feature_repo, io.state_dir, io.pipeline, timeout_s=120)
+    assert featureserver.running(io.state_dir, io.pipeline) is None
