@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from components.base import StageIO, StageResult, markdown_table
-from components.featurestore import Embedder, FeaturesSpec, apply, feast_state, materialize, open_online, open_store
+from components.featurestore import Embedder, FeaturesSpec, feast_state, open_online, open_store
 from components.reports import FeaturesReport
 
 OUTPUTS = ("customer_profiles.parquet", "article_embeddings.parquet")
@@ -74,9 +74,9 @@ def run(cfg: FeaturesSpec, io: StageIO) -> StageResult:
     store = open_store(io.feature_repo, io.state_dir, io.pipeline, require_registry=False)
     online = open_online(io.feature_repo, io.state_dir, io.pipeline, store)  # the feature server's, if one runs
     try:
-        apply(online, io.feature_repo)
+        online.apply(io.feature_repo)
         start = min(profiles.event_timestamp.min(), stamp).to_pydatetime()
-        materialize(online, start, datetime.now(timezone.utc))
+        online.materialize(start, datetime.now(timezone.utc))
     finally:
         online.close()  # releases an in-process Milvus Lite for other processes
     report = FeaturesReport(n_profiles=len(profiles), n_customers=int(profiles.customer_id.nunique()),

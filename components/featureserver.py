@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from components.featurestore import (FeatureStoreUnavailable, LocalOnline, apply_here, feast_state,
+from components.featurestore import (ARTICLE_KEY, FeatureStoreUnavailable, LocalOnline, apply_here, feast_state,
                                      open_store)
 
 URL_ENV = "LLMOPS_FEATURE_SERVER"  # services.feast.url, exported by the CLI
@@ -55,11 +55,11 @@ class RemoteOnline:
         self.where = f"through the feature server at {self.url}"
         self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
 
-    def _post(self, path: str, body: dict, timeout_s: float | None = None, params: dict | None = None) -> dict:
+    def _post(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
         timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else timeout_s
         for attempt in (1, 2):  # after a 5xx Feast's server drops the keep-alive connection: retry once
             try:
-                r = self.client.post(path, json=body, timeout=timeout, params=params)
+                r = self.client.post(path, json=body, timeout=timeout)
             except httpx.TransportError as exc:
                 if attempt == 2:
                     raise FeatureStoreUnavailable(f"the feature server at {self.url} is unreachable "
@@ -81,8 +81,6 @@ class RemoteOnline:
         return _columns(self._post("/get-online-features", body))
 
     def search(self, feature, vector, top_k):
-        from components.featurestore import ARTICLE_KEY
-
         out = _columns(self._post("/search", {"features": [feature], "query": list(vector), "top_k": top_k,
                                               "api_version": 2, "distance_metric": "COSINE"}))
         return [str(a) for a in out.get(ARTICLE_KEY, [])]
@@ -99,7 +97,7 @@ class RemoteOnline:
         if not self.owner:  # an online store that is a real server: apply from here
             apply_here(open_store(repo, self.state_dir, self.pipeline, require_registry=False), repo)
             return
-        self._post("/llmops/apply", {"repo": str(repo)}, timeout_s=600)
+        self._post("/llmops/apply", {}, timeout_s=600)  # the server applies the repository it serves
 
     def close(self) -> None:
         self.client.close()
@@ -253,7 +251,7 @@ def serve(repo: Path, state_dir: Path, pipeline: str, host: str, port: int) -> N
     app = get_app(store, registry_ttl_sec=REGISTRY_TTL_S)
 
     @app.post("/llmops/apply")
-    def _apply(body: dict) -> dict:
+    def _apply() -> dict:
         """`feast apply` of ``repo`` (this server's repository) in the store's owner."""
         apply_here(store, repo)
         store.refresh_registry()

@@ -106,12 +106,6 @@ def definitions(repo: Path) -> list:
     return found
 
 
-def apply(online: "Online", repo: Path) -> None:
-    """Register the repository's definitions (what `feast apply` does) where the online store
-    is owned: in this process, or in the feature server that owns it."""
-    online.apply(repo)
-
-
 def apply_here(store, repo: Path) -> None:
     """`feast apply` in this process, with the public API (this process owns the store)."""
     with contextlib.redirect_stdout(_io.StringIO()), warnings.catch_warnings():
@@ -160,7 +154,9 @@ class Online(Protocol):
 
     def materialize(self, start: datetime | None, end: datetime, views: list[str] | None = None) -> None: ...
 
-    def apply(self, repo: Path) -> None: ...
+    def apply(self, repo: Path) -> None:
+        """Register the repository's definitions (what `feast apply` does) where the online
+        store is owned: in this process, or in the feature server that owns it."""
 
     def close(self) -> None: ...
 
@@ -174,7 +170,7 @@ class LocalOnline:
         self.store = store
 
     def read(self, entity_rows, features=None, service=None):
-        wanted = self.store.get_feature_service(service) if service else features
+        wanted = feature_service(self.store, service)[0] if service else features
         with contextlib.redirect_stdout(_io.StringIO()):
             return self.store.get_online_features(features=wanted, entity_rows=entity_rows).to_dict()
 
@@ -223,11 +219,6 @@ def open_online(repo: Path, state_dir: Path, pipeline: str, store=None) -> Onlin
     if remote is not None:
         return remote
     return LocalOnline(store if store is not None else open_store(repo, state_dir, pipeline))
-
-
-def materialize(online: Online, start: datetime | None, end: datetime, views: list[str] | None = None) -> None:
-    """Load feature values into the online store (see :meth:`LocalOnline.materialize`)."""
-    online.materialize(start, end, views)
 
 
 # ---------------------------------------------------------------- embeddings and retrieval

@@ -59,7 +59,7 @@ def features_apply(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = 
     state = spec.state_dir(_root(file))
     try:
         online = featurestore.open_online(repo, state, name, featurestore.open_store(repo, state, name, False))
-        featurestore.apply(online, repo)
+        online.apply(repo)
         online.close()
     except StageError as exc:
         _fail(str(exc), code=1)
@@ -102,7 +102,7 @@ def features_materialize(file: SpecFile = Path(DEFAULT_SPEC), pipeline: Pipeline
     try:
         online = featurestore.open_online(repo, state, name, featurestore.open_store(repo, state, name))
         with console.status(f"materializing {online.where} ..."):
-            featurestore.materialize(online, None, datetime.now(timezone.utc))
+            online.materialize(None, datetime.now(timezone.utc))
         online.close()
     except StageError as exc:
         _fail(str(exc), code=1)

@@ -127,10 +127,10 @@ def test_training_and_serving_build_the_same_prompt(built, demo, tmp_path):
                     featurestore.feast_state(state, io.pipeline) / "offline")
     store = open_store(io.feature_repo, state, io.pipeline, require_registry=False)
     online = LocalOnline(store)
-    featurestore.apply(online, io.feature_repo)
+    online.apply(io.feature_repo)
     start = datetime(2020, 1, 1, tzinfo=timezone.utc)
-    featurestore.materialize(online, start, datetime.now(timezone.utc), views=["article_embeddings"])
-    featurestore.materialize(online, start, ticket.created_at.to_pydatetime(), views=["customer_profile"])
+    online.materialize(start, datetime.now(timezone.utc), views=["article_embeddings"])
+    online.materialize(start, ticket.created_at.to_pydatetime(), views=["customer_profile"])
     retriever = Retriever(online, built["embedder"], top_k=3)
     context = online_context(store, online, retriever, FeaturesSpec(), TaskSpec(),
                              {"ticket_id": example["ticket_id"], **ticket.to_dict()})
