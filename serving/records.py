@@ -12,8 +12,8 @@ background thread: answering never waits for the disk. When its queue is full a 
 dropped and counted (``dropped``, and the endpoint's metrics), never silently. With an
 ``s3://`` target the same thread also ships the files there (S3Shipper): a file once it is
 finished (the hour or size rolled over, or the log closed) and the current one every
-``upload_every_s`` while it grows; a failed upload is logged and counted and retried with
-the next one, the local file stays.
+``upload_every_s`` while it grows; a failed upload is logged and counted, and the file is
+tried again with the next upload (the local file stays).
 """
 from __future__ import annotations
 
@@ -81,16 +81,19 @@ class S3Shipper:
         self.uploaded = self.errors = 0
         self.last_error: str | None = None
 
-    def ship(self, path: Path) -> None:
+    def ship(self, path: Path) -> bool:
+        """Upload ``path``; False (logged and counted) when it failed."""
         key = f"{self.prefix}/{path.name}" if self.prefix else path.name
         try:
             self.client.upload_file(str(path), self.bucket, key)
-            self.uploaded += 1
         except Exception as exc:  # noqa: BLE001 - a failing upload never stops the log
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             logging.getLogger("llmops.serving").warning("request log: upload of %s to %s failed: %s", path.name,
                                                         self.uri, self.last_error)
+            return False
+        self.uploaded += 1
+        return True
 
 
 class RequestLog:
@@ -104,7 +107,7 @@ class RequestLog:
         self.shipper = shipper
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._current: Path | None = None  # the file written last
-        self._changed = False  # written since it was last shipped
+        self._unshipped: set[Path] = set()  # files holding records S3 does not have yet
         self._shipped_at = time.monotonic()
         self._part = 0
         self._hour = ""
@@ -142,10 +145,10 @@ class RequestLog:
             try:
                 record = self._queue.get(timeout=wait)
             except queue.Empty:  # idle: ship what the current file gained
-                self._ship_current()
+                self._ship()
                 continue
             if record is None:
-                self._ship_current(force=True)
+                self._ship(force=True)
                 return
             batch = [record]
             while len(batch) < 256:  # what else is waiting goes in the same write
@@ -155,7 +158,7 @@ class RequestLog:
                     break
                 if nxt is None:
                     self._write(batch)
-                    self._ship_current(force=True)
+                    self._ship(force=True)
                     return
                 batch.append(nxt)
             self._write(batch)
@@ -167,23 +170,25 @@ class RequestLog:
                 record = redact_record(record)
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         target = self.path()
-        if self._current is not None and target != self._current and self._changed:
-            self._ship_current(force=True)  # the previous file is finished
+        finished = self._current is not None and target != self._current
         try:
             with target.open("a", encoding="utf-8") as f:
                 f.writelines(lines)
             self.written += len(lines)
-            self._current, self._changed = target, True
+            self._current = target
+            self._unshipped.add(target)
         except OSError:
             self.dropped += len(lines)
-        self._ship_current()
+        self._ship(force=finished)  # a finished file goes at once
 
-    def _ship_current(self, force: bool = False) -> None:
-        if self.shipper is None or self._current is None or not self._changed:
+    def _ship(self, force: bool = False) -> None:
+        """Upload every file with records S3 lacks (at most every ``upload_every_s`` unless
+        ``force``); one that fails stays for the next time."""
+        if self.shipper is None or not self._unshipped:
             return
         if force or time.monotonic() - self._shipped_at >= self.shipper.every_s:
-            self.shipper.ship(self._current)
-            self._changed, self._shipped_at = False, time.monotonic()
+            self._unshipped = {path for path in sorted(self._unshipped) if not self.shipper.ship(path)}
+            self._shipped_at = time.monotonic()
 
 
 def redact_record(record: dict) -> dict:
