@@ -105,7 +105,7 @@ class Generation:
     job: Request
     events: asyncio.Queue
     hit: Finished | None
-    key: tuple | None
+    key: str | None
 
 
 @dataclass
@@ -119,6 +119,11 @@ class Shared:
     cache: ResponseCache
     quota: Quota
     log: RequestLog | None
+
+    def check_max_tokens(self, max_tokens: int) -> None:
+        if max_tokens > self.spec.limits.max_tokens:
+            raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {self.spec.limits.max_tokens} "
+                                "(serve.limits.max_tokens)", param="max_tokens", code="max_tokens_too_large")
 
     def check_prompt(self, ids: list[int], caller: str, param: str) -> None:
         """400 for a prompt over the token limit; 429 over the caller's token quota."""
@@ -158,6 +163,10 @@ class Shared:
                                code="queue_full", headers={"Retry-After": str(self.spec.batching.retry_after_s)}
                                ) from None
         return Generation(job, events, hit, key)
+
+    async def wait(self, gen: Generation) -> Finished:
+        """The finished answer; 504 after ``limits.request_timeout_s`` (the request is dropped)."""
+        return await _wait(gen.job, gen.events, self.spec.limits.request_timeout_s)
 
     def settle(self, gen: Generation, done: Finished, caller: str) -> None:
         """Count a finished generation, charge the caller's quota, keep a finished answer."""
@@ -277,7 +286,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
                            code="model_not_found")
         ids = prompt_ids([m.model_dump() for m in body.messages], served.tokenizer)
         max_tokens = body.max_completion_tokens or body.max_tokens or spec.limits.default_max_tokens
-        check_max_tokens(max_tokens, spec)
+        shared.check_max_tokens(max_tokens)
         shared.check_prompt(ids, request.state.caller, "messages")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         wants_json = body.response_format is not None and body.response_format.type != "text"
@@ -311,7 +320,7 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
             return StreamingResponse(_stream(job, events, completion_id, created, body, served, spec, finished),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            done = await _wait(job, events, spec.limits.request_timeout_s)
+            done = await shared.wait(gen)
         except ApiError as exc:
             finished(None, exc.status, exc.message)
             raise
@@ -330,12 +339,6 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
 
         add_route(app, shared, triage)
     return app
-
-
-def check_max_tokens(max_tokens: int, spec: ServeSpec) -> None:
-    if max_tokens > spec.limits.max_tokens:
-        raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {spec.limits.max_tokens} "
-                            "(serve.limits.max_tokens)", param="max_tokens", code="max_tokens_too_large")
 
 
 def not_ready_reason(engine: Engine, state: dict, stall_s: float) -> str | None:

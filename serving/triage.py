@@ -141,8 +141,6 @@ def open_triage(manifest: dict, current: FeaturesSpec, repo: Path, state_dir: Pa
 
 def add_route(app: FastAPI, shared, triage: Triage) -> None:
     """Register POST /v1/triage on ``app`` (``shared``: serving.app.Shared)."""
-    from serving.app import _wait, check_max_tokens
-
     served, spec, log = shared.served, shared.spec, shared.log
     if triage.constrain and triage.constraint is None and triage.constraint_note is None:
         try:
@@ -189,13 +187,13 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
             raise ApiError(422, str(exc), param=triage.features.entity_key, code="unknown_entity") from None
         ids = prompt_ids(ctx["messages"], served.tokenizer)
         max_tokens = body.max_tokens or spec.limits.default_max_tokens
-        check_max_tokens(max_tokens, spec)
+        shared.check_max_tokens(max_tokens)
         shared.check_prompt(ids, request.state.caller, "body")
         record |= {"messages": ctx["messages"], "prompt_tokens": len(ids),
                    "articles": [{"article_id": a["article_id"], "score": a["score"]} for a in ctx["articles"]]}
         gen = shared.start(ids, max_tokens, json_only=True, constraint=triage.constraint)
         try:
-            done = await _wait(gen.job, gen.events, spec.limits.request_timeout_s)
+            done = await shared.wait(gen)
         except ApiError as exc:
             logged(exc.status, exc.message)
             raise
