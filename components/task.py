@@ -142,7 +142,12 @@ def labels_of(row: dict, task: TaskSpec) -> dict[str, str]:
 
 def answer_json(labels: dict[str, Any], task: TaskSpec) -> str:
     """A gold answer as the model must write it: compact JSON, the task's field order."""
-    return json.dumps({f: labels[f] for f in task.answer}, ensure_ascii=False)
+    return dump_answer(labels, list(task.answer))
+
+
+def dump_answer(labels: dict[str, Any], fields: list[str]) -> str:
+    """An answer's text in ``fields`` order (training's gold answers, the endpoint's allowed answers)."""
+    return json.dumps({f: labels[f] for f in fields}, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------- the answer's schema

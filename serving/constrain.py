@@ -3,7 +3,7 @@
 Every field of the task's answer takes one value from a list (the schema's ``enum``), so
 the answers the schema allows can be listed: for the demo task 8 intents x 4 priorities x
 the articles. Each is written as training wrote gold answers (compact JSON in the task's
-field order, ``components.task.answer_json``) and tokenized as the chat template tokenizes
+field order, ``components.task.dump_answer``) and tokenized as the chat template tokenizes
 an assistant turn; the token sequences form a trie. At each decoding step a constrained
 row may only take a token that continues some allowed answer (its other logits are set to
 -inf), so a greedy answer is the model's most likely *valid* answer: no invalid JSON, no
@@ -12,11 +12,10 @@ unknown label, whatever the ticket says (a prompt injection included).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 from components.lm import prompt_ids
-from components.task import AnswerSchema
+from components.task import AnswerSchema, dump_answer
 
 END = -1  # a trie key: an allowed answer ends here
 MAX_ANSWERS = 100_000  # beyond this many allowed answers, answers are validated, not constrained
@@ -50,7 +49,7 @@ class AnswerConstraint:
         end = tokenizer.eos_token_id
         sequences = []
         for combo in itertools.product(*enums):
-            text = json.dumps(dict(zip(schema.fields, combo)), ensure_ascii=False)
+            text = dump_answer(dict(zip(schema.fields, combo)), schema.fields)
             ids = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": text}])[start:]
             sequences.append(ids[:ids.index(end)] if end in ids else ids)
         return cls(sequences, end)

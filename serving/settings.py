@@ -43,7 +43,7 @@ class RequestLogSpec(StrictModel):
     max_file_mib: float = Field(64.0, gt=0)  # a new file each UTC hour, or sooner past this size
     max_queue: int = Field(10_000, ge=1)  # records waiting for the writer; beyond: dropped and counted
     redact_pii: bool = False  # replace e-mail addresses, card and phone numbers as validation does
-    s3_uri: str | None = None  # also ship the files to s3://bucket/prefix/<model name>/ (null: local only)
+    s3_uri: str | None = Field(None, pattern=r"^s3://[^/]+")  # also ship the files to s3://bucket/prefix/<model name>/ (null: local only)
     upload_every_s: float = Field(60.0, gt=0)  # how often the growing file is shipped again
 
 
