@@ -13,7 +13,9 @@ hashes and the headline metrics; the ``challenger`` alias moves to it (recorded 
 registry's audit log, see components/registry.py). When the pipeline checks gates before
 registering, the gate report goes into the version (``model/gates.json``, a section of the
 model card) and its outcome into tags: ``gates.status`` (passed/failed) and
-``gates.failed`` (the names of the failed gates).
+``gates.failed`` (the names of the failed gates). The run that registers also keeps the data
+splits (``data/<split>.jsonl``, hashes in the manifest): monitoring compares live traffic
+with the version's own training prompts.
 """
 from __future__ import annotations
 
@@ -217,6 +219,8 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
     try:
         run = mlflow.active_run()
         tracking.log_artifacts(package, "model")
+        for split in manifest["data_sha256"]:  # what monitoring compares live traffic with, by hash
+            tracking.log_artifacts(io.inputs["prepare"] / f"{split}.jsonl", "data")
         client = mlflow.MlflowClient()
         try:
             client.create_registered_model(cfg.model_name, description=cfg.description,

@@ -19,9 +19,9 @@ from rich.table import Table
 
 from components.base import StageError
 from components.catalog import ModelError
-from llmops import cli_data, cli_models, cli_serve  # noqa: F401 - they register their commands on the apps
-from llmops.cli_common import (DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _fail, _load, _root, app, config_app,
-                               console, out, task_app)
+from llmops import cli_data, cli_models, cli_monitor, cli_serve  # noqa: F401 - they register their commands on the apps
+from llmops.cli_common import (DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _check_services, _fail, _load, _root, app,
+                               config_app, console, out, task_app)
 from llmops.spec import SpecError
 
 
@@ -139,18 +139,6 @@ def _print_gates(report) -> None:
         table.add_row(*(escape(v) for v in list(row.values())[:6]), f"[{colour}]{row['result']}[/]",
                       escape(row["note"][:80]))
     out.print(table)
-
-
-def _check_services(prefect: bool) -> None:
-    """Fail with one line (exit 1) when MLflow, or Prefect for a flow, does not answer."""
-    from llmops.services import ServiceError, check_mlflow, check_prefect
-
-    try:
-        check_mlflow(os.environ["MLFLOW_TRACKING_URI"])
-        if prefect:
-            check_prefect(os.environ.get("PREFECT_API_URL"))
-    except ServiceError as exc:
-        _fail(str(exc), code=1)
 
 
 def _print_times(results: dict[str, dict], elapsed: float) -> None:

@@ -43,6 +43,9 @@ SpecFile = Annotated[Path, typer.Option("--file", "-f", envvar="LLMOPS_SPEC",
                                         help="The spec file.", show_default=True)]
 PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", "-p",
                                                     help="Pipeline to use (default: the spec's default_pipeline).")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Registered version: name@alias or name/version (default: serve.model, else "
+                          "<register.model_name>@champion).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a spec key, e.g. --set prepare.split.train=0.7 (relative to the pipeline) "
                   "or --set services.storage.state_dir=/tmp/state. Repeatable.")]
@@ -62,3 +65,15 @@ def _load(file: Path, overrides: list[str] | None, pipeline: str | None) -> Spec
 
 def _root(file: Path) -> Path:
     return file.resolve().parent
+
+
+def _check_services(prefect: bool) -> None:
+    """Fail with one line (exit 1) when MLflow, or Prefect for a flow, does not answer."""
+    from llmops.services import ServiceError, check_mlflow, check_prefect
+
+    try:
+        check_mlflow(os.environ["MLFLOW_TRACKING_URI"])
+        if prefect:
+            check_prefect(os.environ.get("PREFECT_API_URL"))
+    except ServiceError as exc:
+        _fail(str(exc), code=1)

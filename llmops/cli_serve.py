@@ -7,16 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmops.cli_common import DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _fail, _load, _root, app, console
+from llmops.cli_common import DEFAULT_SPEC, ModelOpt, PipelineOpt, SetOpt, SpecFile, _fail, _load, _root, app, console
 
 
 @app.command()
 def serve(
     file: SpecFile = Path(DEFAULT_SPEC),
     pipeline: PipelineOpt = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="Registered version: name@alias or name/version (default: serve.model, else "
-                              "<register.model_name>@champion).")] = None,
+    model: ModelOpt = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default: serve.host, 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: serve.port).")] = None,
     weights: Annotated[str, typer.Option(

@@ -21,6 +21,7 @@ from components.featurestore import FeaturesSpec
 from components.finetune import FinetuneSpec
 from components.gates import GatesSpec
 from components.ingest import IngestSpec
+from components.monitor.settings import MonitorSpec
 from components.prepare import PrepareSpec
 from components.promote import PromoteSpec
 from components.register import RegisterSpec
@@ -82,6 +83,7 @@ class PipelineSpec(StrictModel):
     register_: RegisterSpec = Field(RegisterSpec(), alias="register")  # `register` is taken (ABC)
     promote: PromoteSpec = PromoteSpec()
     serve: ServeSpec = ServeSpec()  # the endpoint (llmops serve); not a stage
+    monitor: MonitorSpec = MonitorSpec()  # drift monitoring of the endpoint's traffic (llmops monitor)
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
 

@@ -237,6 +237,11 @@ def create_app(served: ServedModel, engine: Engine, spec: ServeSpec, keys: dict[
             except ApiError as exc:
                 metrics.requests.labels(route, str(exc.status)).inc()
                 metrics.rejected.labels(exc.code or str(exc.status)).inc()
+                if log is not None:  # refusals count in monitoring (rate-limited share, errors)
+                    log.append({"request_id": None, "time": now_iso(), "route": route,
+                                "key_id": getattr(request.state, "key_id", None), "model": served.id,
+                                "variant": served.variant, "status": exc.status, "error": exc.message,
+                                "rejected": exc.code, "latency_ms": elapsed_ms(started)})
                 return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), exc.status,
                                     headers=exc.headers)
         response = await call_next(request)

@@ -3,11 +3,16 @@ integration tests that run the real CLI, Prefect and DVC."""
 from __future__ import annotations
 
 import contextlib
+import json
+import threading
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -138,7 +143,6 @@ SMALL = {"ingest.source.n_tickets": 300, "finetune.max_steps": 2, "finetune.batc
 def set_keys(text: str, values: dict, pipeline: str = "support-triage") -> str:
     """The spec's text with the value of each key path (relative to the pipeline) replaced
     on its own line, comments kept."""
-    import json
 
     from llmops.spec_errors import line_numbers
 
@@ -253,6 +257,90 @@ def register_run(run: dict, out_dir: Path, model_name: str, inputs: dict | None 
         pipeline="t", out_dir=out_dir, state_dir=root / "state",
         inputs={s: root / s for s in ("prepare", "finetune", "evaluate")} | (inputs or {}),
         sections={"finetune": run["finetune"], "task": TaskSpec()} | (sections or {}), context=context or {}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (`prefect server start`) on 127.0.0.1 with its own home and
+    SQLite database; yields its API URL. Stopped at the end of the session."""
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = cli_env(PREFECT_HOME=str(home), PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+    with (home / "server.log").open("w") as log:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 240  # the first start creates the database (~45 s on a busy machine)
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    """Keeps every POST's path and JSON body."""
+
+    received: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((self.path, json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    """A real HTTP receiver on 127.0.0.1; yields (its URL, the (path, JSON body) it received)."""
+    _Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Receiver.received
+    server.shutdown()
+
+
+@pytest.fixture
+def smtp():
+    """A real SMTP server (aiosmtpd) on 127.0.0.1; yields ("host:port", the messages it received)."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Message
+
+    class Inbox(Message):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def handle_message(self, message):
+            self.messages.append(message)
+
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield f"127.0.0.1:{port}", inbox.messages
+    controller.stop()
 
 
 # ---------------------------------------------------------------- the shared pipeline run

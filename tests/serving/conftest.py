@@ -2,14 +2,14 @@
 SQLite registry of its own, loaded as serving loads it, and a live HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import build_features_and_prepare, make_project, register_run, run_cli, sqlite_registry
+from tests.conftest import (build_features_and_prepare, free_port, make_project, register_run, run_cli,  # noqa: F401
+                            sqlite_registry)
 
 NAME = "triage-serve"
 
@@ -50,12 +50,6 @@ def samples(server) -> dict[str, float]:
 
 def grew(before: dict, after: dict, name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -128,7 +122,8 @@ def feature_project(demo_small, tmp_path_factory):
     `llmops features serve` starts (and `llmops features stop` stops at the end)."""
     project = make_project(tmp_path_factory.mktemp("triage") / "project")
     stages = project.parent / "stages"
-    build_features_and_prepare(stages, demo_small, pipeline=PIPELINE, state_dir=project / ".llmops")
+    _, prepared, _ = build_features_and_prepare(stages, demo_small, pipeline=PIPELINE, state_dir=project / ".llmops")
+    prepared.report.write(stages / "prepare")  # as the runner leaves it: the register stage reads it
     started = run_cli(["features", "serve"], cwd=project, check=True)
     yield {"project": project, "state": project / ".llmops", "prepare": stages / "prepare", "data": demo_small,
            "serve_stdout": started.stdout}

@@ -14,6 +14,7 @@ import pytest
 
 from components.lm import prompt_ids
 from serving.engine import Engine, Request
+from serving.records import RequestLog
 from serving.settings import LimitsSpec, ServeSpec
 from tests.serving.conftest import NAME, grew, samples
 
@@ -216,11 +217,12 @@ def test_json_response_format_reports_validity(served, serve_app):
         assert r.status_code == 200 and r.json()["llmops"]["valid"] is False
 
 
-def test_rate_limits_per_key(serve_app):
+def test_rate_limits_per_key(serve_app, tmp_path):
     keys = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789ab"}
     spec = ServeSpec(rate_limits={"requests_per_minute": 2})
     body = {"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    with serve_app(spec, keys=keys) as server:
+    log = RequestLog(tmp_path / "log")
+    with serve_app(spec, keys=keys, log=log) as server:
         url = f"{server.url}/v1/chat/completions"
         alice = [httpx.post(url, json=body, headers={"Authorization": f"Bearer {keys['alice']}"}) for _ in range(3)]
         assert [r.status_code for r in alice] == [200, 200, 429]
@@ -228,6 +230,12 @@ def test_rate_limits_per_key(serve_app):
         assert error["code"] == "rate_limited" and "2 requests per minute reached for alice" in error["message"]
         assert 1 <= int(alice[2].headers["retry-after"]) <= 60
         assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {keys['bob']}"}).status_code == 200
+        assert httpx.post(url, json=body).status_code == 401
+    log.close()
+    records = [json.loads(line) for f in (tmp_path / "log").glob("*.jsonl") for line in f.read_text().splitlines()]
+    refused = sorted((r["status"], r["key_id"], r.get("rejected")) for r in records if r["status"] != 200)
+    assert refused == [(401, None, "missing_api_key"), (429, "alice", "rate_limited")]  # monitoring counts them
+    assert sum(r["status"] == 200 for r in records) == 3
 
 def test_token_rate_limit(served, serve_app):
     # the first answer spends most of the minute's tokens; the same prompt no longer fits

@@ -1,0 +1,305 @@
+"""The drift signals: a window of logged requests against the reference (the served
+version's training prompts), each signal a number, its threshold and a verdict.
+
+Most are Evidently 0.7 metrics in one Report (its HTML is the run's report): prompt length
+(``ValueDrift``, Wasserstein distance in reference standard deviations), predicted labels
+(``ValueDrift``, Jensen-Shannon distance per answer field), the unseen-word share, answer
+validity, top-article similarity, error and rate-limited shares (``MeanValue``) and p95
+latency (``QuantileValue``), each with its threshold as an Evidently test. Two are computed
+beside the Report: embedding drift with Evidently's drift methods called directly (inside a
+Report they also draw a t-SNE plot, which takes minutes), and the Jensen-Shannon distance of
+word frequencies with the list of new frequent words. A signal judged on fewer requests than
+its ``min_window`` says "not enough data", never "no drift".
+
+A distance between samples is never zero: a window of 100 ordinary requests sits farther
+from the reference than one of 1,000. So the distribution signals (prompt length, word
+frequencies, labels, embeddings) drift only when their value passes the threshold *and*
+what windows of the same size drawn from the reference itself reach (the ``chance``
+quantile of a split bootstrap, see _chance, or Evidently's own bootstrap for the embedding classifier).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from components.monitor.reference import Reference, request_text
+from components.monitor.settings import Signals
+
+WORD = re.compile(r"[^\W\d_]{2,}")
+BELOW = {"answer_validity", "retrieval_similarity"}  # drift when the value falls under the threshold
+STATISTIC = {
+    "prompt_tokens": "Wasserstein distance of prompt tokens (reference std units)",
+    "unseen_words": "share of words the reference never had",
+    "frequent_words": "Jensen-Shannon distance of word frequencies",
+    "embeddings": "embedding drift",
+    "answer_labels": "Jensen-Shannon distance of predicted labels",
+    "answer_validity": "share of valid answers",
+    "retrieval_similarity": "median similarity of the top article",
+    "error_rate": "share of 5xx answers",
+    "p95_latency_ms": "p95 latency of answered requests (ms)",
+    "rate_limited_share": "share of 429 answers",
+}
+CHANCE_DRAWS = 200  # bootstrap windows drawn from the reference for a chance level
+TOP_WORDS = 1000  # the reference's most frequent words keep their own bucket; the rest share one
+
+
+@dataclass
+class SignalResult:
+    name: str
+    value: float | None
+    threshold: float
+    n: int  # requests it was judged on
+    min_window: int
+    status: str  # drift | ok | not enough data
+    statistic: str
+    detail: str = ""
+    chance: float | None = None  # what a window of this size reaches without drift (quantile chance_quantile)
+
+    @property
+    def drifted(self) -> bool:
+        return self.status == "drift"
+
+    def dict(self) -> dict:
+        return asdict(self)
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in WORD.findall(text)]
+
+
+def window_frame(records: list[dict], count_tokens: Callable[[list[dict]], int], parse_answer) -> pd.DataFrame:
+    """One row per logged request: what the signals read."""
+    rows = []
+    for r in records:
+        status = int(r.get("status") or 0)
+        row = {"status": status, "is_error": float(status >= 500), "rate_limited": float(status == 429),
+               "latency_ms": float(r["latency_ms"]) if status == 200 and r.get("latency_ms") is not None else np.nan}
+        messages = r.get("messages") if status == 200 else None
+        if messages:
+            row["text"] = request_text([m for m in messages if m.get("role") != "assistant"])
+            row["prompt_tokens"] = float(r["prompt_tokens"]) if r.get("prompt_tokens") else float(count_tokens(messages))
+            if r.get("valid") is not None:
+                row["valid"] = float(bool(r["valid"]))
+            articles = r.get("articles") or []
+            if articles and articles[0].get("score") is not None:
+                row["top_score"] = float(articles[0]["score"])
+            answer = parse_answer(r.get("answer")) if r.get("answer") else None
+            for field, value in (answer or {}).items():
+                row[f"label.{field}"] = str(value)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def reference_frame(ref: Reference, count_tokens: Callable[[list[dict]], int]) -> pd.DataFrame:
+    rows = [{"prompt_tokens": float(count_tokens(m)), **{f"label.{k}": str(v) for k, v in labels.items()}}
+            for m, labels in zip(ref.prompts, ref.labels)]
+    return pd.DataFrame(rows)
+
+
+def compute(cfg: Signals, current: pd.DataFrame, reference: pd.DataFrame, ref_texts: list[str],
+            embed: Callable[[list[str], str], np.ndarray], seed: int = 0):
+    """(results, Evidently snapshot or None). ``embed(texts, side)`` returns L2-normalised
+    embeddings (``side``: "reference" may be cached by the caller)."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import MeanValue, QuantileValue, ValueDrift
+    from evidently.tests import gte, lte
+
+    rng = np.random.default_rng(seed)
+    current = current.copy()
+    vocab = Counter(w for t in ref_texts for w in words(t))
+    if "text" in current:
+        current["unseen_words"] = [_unseen_share(t, vocab) if isinstance(t, str) else np.nan for t in current["text"]]
+    label_cols = sorted(c for c in reference.columns if c.startswith("label.") and c in current)
+    numeric = ["prompt_tokens", "unseen_words", "valid", "top_score", "is_error", "rate_limited", "latency_ms"]
+    for frame in (current, reference):
+        for col in numeric + label_cols:
+            if col not in frame:
+                frame[col] = np.nan
+    cur, ref = current[numeric + label_cols], reference[numeric + label_cols]
+
+    def test(name: str, spec):
+        return [gte(spec.threshold)] if name in BELOW else [lte(spec.threshold)]
+
+    def count(col: str) -> int:
+        return int(cur[col].notna().sum())
+
+    # (signal, column, metric) of the signals Evidently computes in the Report
+    wanted = [("prompt_tokens", "prompt_tokens", lambda s: ValueDrift(column="prompt_tokens", method="wasserstein",
+                                                                       threshold=s.threshold)),
+              ("unseen_words", "unseen_words", lambda s: MeanValue(column="unseen_words", tests=test("unseen_words", s))),
+              ("answer_validity", "valid", lambda s: MeanValue(column="valid", tests=test("answer_validity", s))),
+              ("retrieval_similarity", "top_score",
+               lambda s: QuantileValue(column="top_score", quantile=0.5, tests=test("retrieval_similarity", s))),
+              ("error_rate", "is_error", lambda s: MeanValue(column="is_error", tests=test("error_rate", s))),
+              ("p95_latency_ms", "latency_ms",
+               lambda s: QuantileValue(column="latency_ms", quantile=0.95, tests=test("p95_latency_ms", s))),
+              ("rate_limited_share", "rate_limited",
+               lambda s: MeanValue(column="rate_limited", tests=test("rate_limited_share", s)))]
+    if cfg.answer_labels.enabled:
+        wanted += [("answer_labels", col, lambda s, col=col: ValueDrift(column=col, method="jensenshannon",
+                                                                        threshold=s.threshold)) for col in label_cols]
+    plan = []  # (signal, column, metric or None when below min_window, requests)
+    for name, col, make in wanted:
+        spec = getattr(cfg, name)
+        if spec.enabled:
+            plan.append((name, col, make(spec) if count(col) >= spec.min_window else None, count(col)))
+
+    snapshot, values = None, {}
+    metrics = [m for _, _, m, _ in plan if m is not None]
+    if metrics:
+        definition = DataDefinition(numerical_columns=numeric, categorical_columns=label_cols)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # statistics of the reference's empty columns
+            snapshot = Report(metrics).run(current_data=Dataset.from_pandas(cur, data_definition=definition),
+                                           reference_data=Dataset.from_pandas(ref, data_definition=definition))
+        values = {m["id"]: m["value"] for m in snapshot.dict()["metrics"]}
+
+    def value_of(metric) -> float | None:
+        raw = values.get(metric.get_metric_id()) if metric is not None else None
+        return None if raw is None or not np.isfinite(raw) else float(raw)
+
+    results: list[SignalResult] = []
+    labels_seen = []
+    q = cfg.chance_quantile
+    for name, col, metric, n in plan:
+        value, spec = value_of(metric), getattr(cfg, name)
+        if name == "prompt_tokens" and value is not None:
+            chance = _chance(ref[col].dropna().to_numpy(), n, wasserstein_norm, rng, q)
+            results.append(_judge(name, value, spec, n, chance=chance))
+        elif name == "answer_labels":
+            chance = _chance(ref[col].dropna().to_numpy(), n, js_categorical, rng, q) if value is not None else None
+            labels_seen.append((col[len("label."):], value, n, chance))
+        else:
+            results.append(_judge(name, value, spec, n))
+    if labels_seen:  # one signal: the field that moved most beyond chance
+        judged = [t for t in labels_seen if t[1] is not None]
+        worst = max(judged, key=lambda t: t[1] - t[3]) if judged else None
+        detail = ", ".join(f"{f} {v:.3f} (chance {c:.3f})" for f, v, _, c in judged)
+        results.append(_judge("answer_labels", worst[1] if worst else None, cfg.answer_labels,
+                              worst[2] if worst else max(t[2] for t in labels_seen), detail,
+                              chance=worst[3] if worst else None))
+    texts = [t for t in current.get("text", pd.Series(dtype=object)).tolist() if isinstance(t, str)]
+    if cfg.frequent_words.enabled:
+        results.append(_frequent_words(cfg.frequent_words, texts, ref_texts, vocab, rng, q))
+    if cfg.embeddings.enabled:
+        results.append(_embeddings(cfg.embeddings, texts, ref_texts, embed, rng, q))
+    order = list(STATISTIC)
+    results.sort(key=lambda r: order.index(r.name))
+    return results, snapshot
+
+
+def wasserstein_norm(ref: np.ndarray, cur: np.ndarray) -> float:
+    """Evidently's ``wasserstein`` drift value: Wasserstein distance in reference std units."""
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(ref, cur) / max(float(np.std(ref)), 0.001))
+
+
+def js_categorical(ref: np.ndarray, cur: np.ndarray) -> float:
+    """Evidently's ``jensenshannon`` drift value for a categorical column (natural log)."""
+    from scipy.spatial.distance import jensenshannon
+
+    keys = sorted(set(ref.tolist()) | set(cur.tolist()))
+    r, c = pd.Series(ref).value_counts(), pd.Series(cur).value_counts()
+    return float(jensenshannon([r.get(k, 0) / len(ref) for k in keys], [c.get(k, 0) / len(cur) for k in keys]))
+
+
+def _chance(ref: np.ndarray, n: int, statistic, rng, q: float, draws: int = CHANCE_DRAWS) -> float:
+    """The ``q`` quantile of ``statistic`` when nothing drifted: one random half of the
+    reference against windows of ``n`` drawn (with replacement) from the other half. A
+    half is noisier than the whole reference and the other half holds values the first
+    never saw, as real traffic does: the level errs on the side of fewer false alarms."""
+    halves = np.array_split(rng.permutation(len(ref)), 2)
+    base, pool = ref[halves[0]], ref[halves[1]]
+    found = [statistic(base, pool[rng.integers(0, len(pool), n)]) for _ in range(draws)]
+    return float(np.quantile(found, q))
+
+
+def _judge(name: str, value: float | None, spec, n: int, detail: str = "", chance: float | None = None) -> SignalResult:
+    """The verdict: beyond the threshold (and, for distribution signals, beyond ``chance``)."""
+    if n < spec.min_window or value is None:
+        status = "not enough data"
+    elif name in BELOW:
+        status = "drift" if value < spec.threshold else "ok"
+    else:
+        status = "drift" if value > spec.threshold and (chance is None or value > chance) else "ok"
+    return SignalResult(name, None if value is None else round(value, 6), spec.threshold, n, spec.min_window, status,
+                        STATISTIC[name], detail, None if chance is None else round(chance, 6))
+
+
+def _unseen_share(text: str, vocab: Counter) -> float:
+    ws = words(text)
+    return sum(w not in vocab for w in ws) / len(ws) if ws else np.nan
+
+
+def _frequent_words(spec, texts: list[str], ref_texts: list[str], vocab: Counter, rng, q: float) -> SignalResult:
+    from scipy.spatial.distance import jensenshannon
+
+    if len(texts) < spec.min_window:
+        return _judge("frequent_words", None, spec, len(texts))
+    index = {w: i for i, (w, _) in enumerate(vocab.most_common(TOP_WORDS))}
+    other = len(index)
+
+    def counts(text: str) -> np.ndarray:
+        row = np.zeros(other + 1, dtype=np.float32)
+        for w in words(text):
+            row[index.get(w, other)] += 1
+        return row
+
+    ref_rows = np.stack([counts(t) for t in ref_texts])
+    total = ref_rows.sum(axis=0)
+    cur = np.stack([counts(t) for t in texts]).sum(axis=0)
+
+    def js(window_counts: np.ndarray) -> float:
+        return float(jensenshannon(total / total.sum(), window_counts / max(window_counts.sum(), 1), base=2))
+
+    value = js(cur)
+    halves = np.array_split(rng.permutation(len(ref_rows)), 2)  # as in _chance: half against the other half
+    base, pool = ref_rows[halves[0]].sum(axis=0), ref_rows[halves[1]]
+    draws = [float(jensenshannon(base / base.sum(), (w := np.bincount(rng.integers(0, len(pool), len(texts)),
+                                                                     minlength=len(pool)) @ pool) / max(w.sum(), 1),
+                                 base=2)) for _ in range(CHANCE_DRAWS)]
+    docs = Counter(w for t in texts for w in {w for w in words(t) if w not in vocab})
+    common = max(3, int(0.02 * len(texts)))  # in at least 2% of the window's requests
+    new = [f"{w} ({c})" for w, c in docs.most_common(10) if c >= common]
+    return _judge("frequent_words", value, spec, len(texts), f"new frequent words: {', '.join(new)}" if new else "",
+                  chance=float(np.quantile(draws, q)))
+
+
+def _embeddings(spec, texts: list[str], ref_texts: list[str], embed, rng, q: float) -> SignalResult:
+    """Evidently's drift method on the embeddings; with the classifier method, drift also
+    needs an ROC AUC above what chance reaches on this many rows (Evidently's bootstrap)."""
+    from evidently.metrics import embeddings as methods
+
+    if len(texts) < spec.min_window:
+        return _judge("embeddings", None, spec, len(texts))
+    cur = embed(_sample(texts, spec.max_rows, rng), "window")
+    ref = embed(_sample(ref_texts, spec.max_rows, rng), "reference")
+    cls = {"model": methods.ModelDriftMethod, "distance": methods.DistanceDriftMethod,
+           "ratio": methods.RatioDriftMethod, "mmd": methods.MMDDriftMethod}[spec.method]
+    columns = [f"e{i}" for i in range(cur.shape[1])]
+
+    def frames():
+        return pd.DataFrame(cur, columns=columns), pd.DataFrame(ref, columns=columns)
+
+    score, _, _ = cls(threshold=spec.threshold, pca_components=spec.pca_components)(*frames())
+    significant = True
+    if spec.method == "model":
+        _, significant, _ = cls(threshold=spec.threshold, pca_components=spec.pca_components, bootstrap=True,
+                                quantile_probability=q)(*frames())
+    result = _judge("embeddings", float(score), spec, len(texts), f"method {spec.method}, {len(cur)} vs {len(ref)} rows")
+    if result.drifted and not significant:
+        result.status, result.detail = "ok", result.detail + f"; within chance at this size (q{q:g})"
+    return result
+
+
+def _sample(texts: list[str], n: int, rng) -> list[str]:
+    if len(texts) <= n:
+        return list(texts)
+    return [texts[i] for i in sorted(rng.choice(len(texts), n, replace=False))]

@@ -1,0 +1,41 @@
+"""Drift monitoring as a Prefect flow: one run of `llmops monitor` (llmops/monitoring.py),
+with its signal table as a Markdown artifact and each alert as a Prefect event
+(``llmops.drift.detected`` / ``llmops.drift.recovered``, the alert in its payload, the
+model as its resource) that an automation can act on, e.g. start a retraining run."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from components.base import markdown_table
+from llmops.monitoring import monitor_once
+from llmops.spec import load_spec
+
+
+@flow(name="llmops-monitor", flow_run_name="monitor-{pipeline}")
+def monitor_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None, model: str | None = None,
+                 overrides: list[str] | None = None) -> dict:
+    """Monitor the served version's traffic once; returns {"summary", "alerts"}."""
+    logger = get_run_logger()
+    spec = load_spec(spec_file, list(overrides or []), pipeline)
+    name, _ = spec.pipeline(pipeline)
+    summary, outcome = monitor_once(spec, Path(spec_file).resolve().parent, name, model, say=logger.info)
+    rows = [{"signal": s["name"], "value": s["value"], "threshold": s["threshold"], "requests": s["n"],
+             "drift": s["status"], "detail": s["detail"]} for s in summary["signals"]]
+    create_markdown_artifact(
+        key=re.sub(r"[^a-z0-9-]+", "-", f"{name}-drift".lower()).strip("-"),
+        markdown=f"# Drift of {summary['model']}\n\nwindow: {summary['window']['requests']} requests "
+                 f"({summary['window']['first']} .. {summary['window']['last']}); report: {summary['report']}\n\n"
+                 + markdown_table(rows),
+        description=f"drift monitoring of {summary['model']}")
+    model_name = summary["model"].split("/")[0]
+    for alert in outcome["alerts"]:
+        emit_event(event=alert["event"], payload=alert,
+                   resource={"prefect.resource.id": f"llmops.model.{model_name}",
+                             "prefect.resource.name": summary["model"], "llmops.pipeline": name})
+        logger.info("event %s: %s", alert["event"], ", ".join(s["name"] for s in alert["signals"]))
+    return {"summary": summary, "alerts": outcome}

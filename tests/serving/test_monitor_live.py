@@ -1,0 +1,125 @@
+"""Drift monitoring end to end: a version registered on the feature project's prepared
+data is served; ordinary then shifted (Spanish) tickets go through /v1/triage as real HTTP
+requests; `llmops monitor` (the CLI, as a Prefect flow on a real Prefect server) reads the
+request log, and its alerts must reach a real local webhook and SMTP server, once per
+cooldown, with a Prefect event."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from components import generate
+from components.splits import read_examples
+from serving.records import RequestLog
+from tests.conftest import register_run, run_cli, sqlite_registry
+from tests.serving.test_triage import ticket
+
+DRIFT = "drift-triage"
+# Small windows (tens of requests): judge on 20; the tiny random model's labels mean nothing,
+# so the label signal is off here (it is tested on generated answers in test_monitor.py).
+SETTINGS = ["--set", "monitor.signals.answer_labels.enabled=false",
+            *[x for s in ("prompt_tokens", "unseen_words", "frequent_words", "embeddings")
+              for x in ("--set", f"monitor.signals.{s}.min_window=20")],
+            "--set", "monitor.alerts.cooldown_minutes=60", "--set", "monitor.alerts.retries=0"]
+
+
+@pytest.fixture(scope="module")
+def served_drift(tiny_run, feature_project, tmp_path_factory):
+    """The tiny model registered as drift-triage/1 (champion) on the feature project's own
+    prepared splits, in the project's MLflow store, loaded as `llmops serve` loads it."""
+    from components import registry
+    from components.base import StageIO
+    from components.evaluate import EvaluateSpec
+    from components.evaluate import run as evaluate
+    from serving.model import ModelRef, load_version
+
+    state, root, prepare = feature_project["state"], tmp_path_factory.mktemp("drift"), feature_project["prepare"]
+    (root / "evaluate").mkdir()
+    evaluated = evaluate(EvaluateSpec(batch_size=3, max_new_tokens=8, latency_requests=1, max_examples=3), StageIO(
+        pipeline="t", out_dir=root / "evaluate", state_dir=tiny_run["root"] / "state",
+        inputs={"prepare": prepare, "finetune": tiny_run["root"] / "finetune"},
+        sections={"finetune": tiny_run["finetune"]}))
+    evaluated.report.write(root / "evaluate")
+    (state / "mlflow").mkdir(exist_ok=True)
+    with sqlite_registry(state / "mlflow", experiment="support-triage"):
+        register_run(tiny_run, root / "register", DRIFT, inputs={"prepare": prepare, "evaluate": root / "evaluate"})
+        registry.promote(registry.client(), DRIFT, 1, "the drift monitoring test's champion")
+        return load_version(ModelRef.parse(f"{DRIFT}@champion"), {}, state)
+
+
+def send(server, tickets: list[dict]) -> None:
+    for body in tickets:
+        r = httpx.post(f"{server.url}/v1/triage", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+
+
+def written(log: RequestLog, n: int, timeout_s: float = 30) -> None:
+    """Wait until the log's writer has put ``n`` records on disk (it writes in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while log.written < n:
+        assert time.monotonic() < deadline, f"the request log wrote {log.written} of {n} records"
+        time.sleep(0.1)
+
+
+def monitor(project: Path, log: Path, prefect_server: str, env: dict, *args: str):
+    return run_cli(["monitor", "--model", f"{DRIFT}@champion", "--set", f"monitor.log={log}", *SETTINGS, *args],
+                   cwd=project, PREFECT_API_URL=prefect_server, COLUMNS="200", **env)
+
+
+def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, triage, served_drift, feature_project,
+                                                                  prefect_server, webhook, smtp, tmp_path):
+    url, received = webhook
+    host, inbox = smtp
+    env = {"LLMOPS_ALERT_WEBHOOK_URL": f"{url}/drift", "LLMOPS_SMTP_HOST": host,
+           "LLMOPS_ALERT_EMAIL_TO": "oncall@example.test"}
+    project, data = feature_project["project"], feature_project["data"]
+    held_out = [e["ticket_id"] for split in ("validation", "test")
+                for e in read_examples(feature_project["prepare"] / f"{split}.jsonl")]
+    spanish = generate.generate(n_tickets=len(held_out), n_customers=60, seed=3, shift="language")
+    log_dir = tmp_path / "requests"
+    log = RequestLog(log_dir)
+    with serve_app(log=log, triage=triage, version=served_drift) as server:
+        send(server, [ticket(data, t) for t in held_out])
+        written(log, len(held_out))
+        ordinary = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)))
+        assert ordinary.returncode == 0, ordinary.stdout + ordinary.stderr
+        assert "no drift" in ordinary.stdout and received == [] and inbox == [], ordinary.stdout
+        send(server, [ticket(spanish, t) for t in spanish.tickets.ticket_id])
+        written(log, 2 * len(held_out))
+    log.close()
+
+    shifted = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)))
+    assert shifted.returncode == 0, shifted.stdout + shifted.stderr
+    rows = {line.split("│")[1].strip(): line for line in shifted.stdout.splitlines() if line.count("│") > 5}
+    assert "yes" in rows["unseen_words"] and "yes" in rows["frequent_words"], shifted.stdout
+    assert "alert sent: webhook ($LLMOPS_ALERT_WEBHOOK_URL): llmops.drift.detected" in shifted.stdout
+    assert "alert channel skipped: slack ($LLMOPS_SLACK_WEBHOOK_URL)" in shifted.stdout
+    [(path, alert)] = received
+    assert path == "/drift" and alert["event"] == "llmops.drift.detected" and alert["model"] == f"{DRIFT}/1"
+    drifted = {s["name"]: s for s in alert["signals"]}
+    assert drifted["unseen_words"]["value"] > drifted["unseen_words"]["threshold"]
+    assert alert["window"]["requests"] == len(held_out) and Path(alert["report"]).stat().st_size > 10_000
+    assert len(inbox) == 1 and f"{DRIFT}/1: drift detected" in inbox[0]["Subject"]
+    assert "unseen_words" in inbox[0].get_payload()
+
+    events = httpx.post(f"{prefect_server}/events/filter", json={"filter": {"event": {"prefix": ["llmops.drift"]}}})
+    [event] = [e for e in events.json()["events"] if e["payload"].get("model") == f"{DRIFT}/1"]
+    assert event["event"] == "llmops.drift.detected" and event["resource"]["prefect.resource.id"] == f"llmops.model.{DRIFT}"
+    assert {s["name"] for s in event["payload"]["signals"]} == set(drifted)
+
+    again = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)), "--fail-on-drift")
+    assert again.returncode == 3, again.stdout + again.stderr  # still drifting
+    assert "within the cooldown (no new alert)" in again.stdout and len(received) == 1 and len(inbox) == 1
+    history = [json.loads(line) for line in (feature_project["state"] / "monitor" / "support-triage" /
+                                             "history.jsonl").read_text().splitlines()]
+    assert [bool(h["drifted"]) for h in history[-3:]] == [False, True, True]
+    with sqlite_registry(feature_project["state"] / "mlflow", experiment="support-triage"):
+        import mlflow
+
+        runs = mlflow.search_runs(experiment_names=["support-triage"], filter_string="tags.`llmops.kind` = 'monitor'")
+        assert len(runs) == 3 and set(runs["tags.llmops.model_version"]) == {f"{DRIFT}/1"}
+        assert sorted(runs["metrics.drift.unseen_words"])[-1] == drifted["unseen_words"]["value"]
