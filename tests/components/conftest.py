@@ -69,3 +69,12 @@ def write_prepared(folder: Path, splits: dict[str, list[dict]], task=None) -> di
     AnswerSchema.of(task, values).write(folder / AnswerSchema.FILE)
     PrepareReport(splits=info, n_without_features=0).write(folder)
     return {s: i.model_dump() for s, i in info.items()}
+
+
+def assert_fast_tokenizer(folder: Path) -> None:
+    """``folder``'s tokenizer is written as the base model's conversion writes it: it loads as
+    PreTrainedTokenizerFast from tokenizer.json alone, and there is no tokenizer.model."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast", folder
+    assert config["model_input_names"] == ["input_ids", "attention_mask"] and config["padding_side"] == "left", folder
+    assert not (folder / "tokenizer.model").exists(), folder

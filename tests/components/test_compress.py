@@ -21,7 +21,7 @@ from components.compress.variants import (VARIANTS, BuildContext, Merged, Pruned
 from components.lm import generate, load, prompt_ids
 from components.measure import jaccard
 from components.reports import CompressReport, ModelMetrics, VariantReport
-from tests.components.conftest import chat_examples
+from tests.components.conftest import assert_fast_tokenizer, chat_examples
 from tests.conftest import register_run, sqlite_registry
 
 
@@ -170,6 +170,7 @@ def test_every_variant_is_built_measured_and_generates(compressed):
         assert v.request_latency_p95_ms >= v.request_latency_p50_ms > 0
         assert 0 <= v.quality.exact_match <= 1 and v.quality.perplexity > 1
         assert 0 <= v.jaccard_at[10] <= 1
+        assert_fast_tokenizer(variants / name)  # the base model's tokenizer files, carried over
         tokenizer, model = load(variants / name, device=torch.device("cpu"))
         out = generate(model, tokenizer, [prompt_ids(example["messages"][:-1], tokenizer)], 1, 6)
         assert out.tokens > 0 and isinstance(out.texts[0], str), name
@@ -270,6 +271,8 @@ def test_registered_version_holds_the_chosen_variant(compressed, tmp_path, regis
     assert manifest["serving"]["variant"] == chosen
     for name, digest in manifest["serving"]["files_sha256"].items():
         assert file_sha256(Path(folder) / "serving" / name) == digest
+    for part in ("serving", "adapter"):
+        assert_fast_tokenizer(Path(folder) / part)
     assert "## Serving variant" in open(f"{folder}/README.md").read()
     version = mlflow.MlflowClient().get_model_version("triage-compressed", result.report.version)
     assert version.tags["serving_variant"] == chosen

@@ -17,7 +17,7 @@ from components.finetune import DoraMethod, FinetuneSpec, IA3Method, LoraMethod,
 from components.finetune import fit as train
 from components.lm import IGNORE, answer_loss, collate, encode, pick_device
 from components.training import batches
-from tests.components.conftest import chat_examples
+from tests.components.conftest import assert_fast_tokenizer, chat_examples
 
 
 def _cfg(**kw) -> FinetuneSpec:
@@ -86,6 +86,7 @@ def test_each_method_trains_and_round_trips(tiny, tmp_path, method):
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == {
         "lora": "LORA", "dora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING"}[method.kind]
     assert not list(adapter.glob("*.bin"))
+    assert_fast_tokenizer(adapter)  # the base model's tokenizer files, as its conversion wrote them
     # load it back on a fresh base and check it changes the outputs
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     base = AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=True)
