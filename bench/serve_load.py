@@ -163,11 +163,24 @@ def direct_latency_ms(args, chats: list[list[dict]], weights: str, max_tokens: i
     return round(1000 * float(np.median(times)), 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """--spec, --model, --chats: what the endpoint benchmarks serve and send."""
     parser.add_argument("--spec", type=Path, default=ROOT / "pipelines.yaml")
     parser.add_argument("--model", help="name@alias or name/version (default: the pipeline's champion)")
     parser.add_argument("--chats", type=Path, help="JSONL chats (default: the pipeline's prepare/test.jsonl)")
+
+
+def read_chats(args, spec, name: str) -> list[dict]:
+    """The chats of --chats, or of the pipeline's prepare/test.jsonl; exits when there are none."""
+    chats_path = args.chats or spec.artifacts_dir(args.spec.parent) / name / "prepare" / "test.jsonl"
+    if not chats_path.exists():
+        sys.exit(f"{chats_path}: no chats (run the pipeline through prepare, or pass --chats)")
+    return [json.loads(line) for line in chats_path.read_text().splitlines() if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_args(parser)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=96, help="per configuration at --clients")
     parser.add_argument("--single", type=int, default=6, help="requests at 1 client (and direct calls)")
@@ -183,10 +196,7 @@ def main() -> None:
 
     spec = load_spec(args.spec, [])
     name, pipe = spec.pipeline(None)
-    chats_path = args.chats or spec.artifacts_dir(args.spec.parent) / name / "prepare" / "test.jsonl"
-    if not chats_path.exists():
-        sys.exit(f"{chats_path}: no chats (run the pipeline through prepare, or pass --chats)")
-    examples = [json.loads(line) for line in chats_path.read_text().splitlines() if line.strip()]
+    examples = read_chats(args, spec, name)
     work = {"chat": [e["messages"][:-1] for e in examples]}
     if "triage" in routes:
         work["triage"] = tickets(spec, args.spec.parent, name, examples)

@@ -22,8 +22,10 @@ def serve(
              "PyTorch fp32 (the uncompressed reference).")] = "serving",
     overrides: SetOpt = None,
 ) -> None:
-    """Serve a registered model version over HTTP (OpenAI-compatible chat completions,
-    health, readiness, metrics) until interrupted."""
+    """Serve a registered model version over HTTP (OpenAI-compatible chat completions and
+    completions, health, readiness, metrics) until interrupted. With serve.upstream.url set,
+    another OpenAI-compatible engine generates and this process is its gateway (only the
+    version's tokenizer is loaded)."""
     from components.catalog import ModelError
     from components.registry import RegistryError
     from llmops.runner import configure_environment
@@ -48,9 +50,10 @@ def serve(
         ref = ModelRef.parse(model or cfg.model or f"{pipe.register_.model_name}@champion")
     except ValueError as exc:
         _fail(f"--model {exc}")
+    upstream = cfg.upstream.url is not None
     try:
-        with console.status(f"loading {ref} ..."):
-            served = load_version(ref, spec.models, spec.state_dir(root), weights)
+        with console.status(f"loading {ref}{' (its tokenizer)' if upstream else ''} ..."):
+            served = load_version(ref, spec.models, spec.state_dir(root), weights, tokenizer_only=upstream)
     except (RegistryError, ModelError) as exc:
         _fail(str(exc), code=1)
 
@@ -61,7 +64,16 @@ def serve(
     from serving.records import RequestLog
 
     b = cfg.batching
-    engine = Engine(served.tokenizer, served.model, b.max_batch_size, b.max_wait_ms, b.max_queue).start()
+    if upstream:
+        from serving.upstream import UpstreamEngine
+
+        try:
+            engine = UpstreamEngine.from_spec(cfg.upstream, served.id, served.tokenizer, b.max_queue).start()
+        except ValueError as exc:
+            _fail(str(exc))
+        served.variant = "upstream"
+    else:
+        engine = Engine(served.tokenizer, served.model, b.max_batch_size, b.max_wait_ms, b.max_queue).start()
     log = None
     if cfg.request_log.enabled:
         folder = Path(cfg.request_log.folder) if cfg.request_log.folder else \
@@ -80,7 +92,7 @@ def serve(
                          cfg.request_log.max_queue, cfg.request_log.redact_pii, shipper)
     triage = None
     if cfg.triage:
-        from serving.triage import open_triage
+        from serving.triage import UNCONSTRAINED_UPSTREAM, open_triage
 
         with console.status("opening the feature store (starting the feature server if none runs) ..."):
             triage = open_triage(served.manifest, pipe.features, (root / spec.services.feast.repo).resolve(),
@@ -88,11 +100,17 @@ def serve(
             triage.constrain = cfg.constrain_answers
     application = create_app(served, engine, cfg, keys, log, triage)
     bind_host, bind_port = host or cfg.host, port or cfg.port
-    console.print(f"serving {served.id} ({ref}, {served.variant}) loaded in {served.load_s} s from {served.folder}",
-                  highlight=False)
-    console.print(f"  http://{bind_host}:{bind_port}/v1/chat/completions  (/v1/models /health /ready /metrics); "
-                  f"API keys: {f'{len(keys)} configured' if keys else 'none needed'}; batches of up to "
-                  f"{b.max_batch_size}, queue {b.max_queue}; request log: {log.folder if log else 'off'}"
+    if upstream:
+        console.print(f"serving {served.id} ({ref}) through {engine.where} (model {engine.model!r}, up to "
+                      f"{engine.max_concurrent} requests at once); tokenizer loaded in {served.load_s} s from "
+                      f"{served.folder}", highlight=False)
+    else:
+        console.print(f"serving {served.id} ({ref}, {served.variant}) loaded in {served.load_s} s from "
+                      f"{served.folder}", highlight=False)
+    console.print(f"  http://{bind_host}:{bind_port}/v1/chat/completions  (/v1/completions /v1/models /health "
+                  f"/ready /metrics); API keys: {f'{len(keys)} configured' if keys else 'none needed'}; "
+                  + ("" if upstream else f"batches of up to {b.max_batch_size}, ")
+                  + f"queue {b.max_queue}; request log: {log.folder if log else 'off'}"
                   f"{f' -> {log.shipper.uri}' if log and log.shipper else ''}",
                   highlight=False)
     if triage is not None:
@@ -100,7 +118,8 @@ def serve(
                       + (f"[yellow]{triage.problem}[/yellow]" if triage.problem else
                          f"features and top-{triage.features.top_k} articles {triage.online.where}"
                          + (" (started for this endpoint; stopped when it exits)" if triage.started_server else "")
-                         + (f"; {triage.constraint_note}" if triage.constraint_note else "")), highlight=False)
+                         + (f"; {UNCONSTRAINED_UPSTREAM}" if upstream and triage.constrain else
+                            f"; {triage.constraint_note}" if triage.constraint_note else "")), highlight=False)
     try:
         uvicorn.run(application, host=bind_host, port=bind_port, log_level="warning", access_log=False)
     finally:

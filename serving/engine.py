@@ -10,7 +10,9 @@ cancelled request, or (for JSON answers) where the object closes, so one long an
 not hold the others' results. Greedy answers are the same in a batch as alone (tested).
 
 Events go back to the request's asyncio loop: ``("delta", text)`` while it generates,
-then ``("done", Finished)`` or ``("error", message)``.
+then ``("done", Finished)`` or ``("error", message)`` (a message, or an ApiError that says
+which status the client gets). serving/upstream.py is the other engine: the same interface
+over an external OpenAI-compatible server.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class Finished:
     queued_s: float
     first_token_s: float | None  # from submission to the first generated token
     total_s: float
-    batch_size: int
+    batch_size: int | None  # None: generated elsewhere (an upstream engine), batch unknown
 
 
 @dataclass(eq=False)  # a request is itself: equal prompts are still two requests
@@ -45,6 +47,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     json_only: bool = False  # end the answer where its first JSON object closes
     constraint: Any = None  # serving.constrain.AnswerConstraint: only the task's allowed answers
+    prompt: str | None = None  # the prompt as text (what an upstream engine is sent); None: decoded from the ids
     emit: Callable[[tuple], None] = lambda event: None  # thread-safe: called from the engine thread
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -115,7 +118,33 @@ class _Rows:
         self.done[row] = reason
 
 
-class Engine:
+class BaseEngine:
+    """What the routes use of an engine: ``submit`` (QueueFull when full), ``start``/``stop``,
+    ``problem`` (why it cannot answer now, for /ready), ``pending`` (requests waiting)."""
+    remote = False  # True: generation happens in another process, which is sent prompt text
+
+    def submit(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def problem(self, stall_s: float) -> str | None:
+        raise NotImplementedError
+
+    def complete(self, prompt_ids: list[int], max_tokens: int, timeout_s: float = 120.0, **kwargs) -> Finished:
+        """Generate one answer and wait for it (for start-up checks and benchmarks)."""
+        result: queue.Queue = queue.Queue()
+        request = Request(prompt_ids, max_tokens, emit=lambda e: e[0] != "delta" and result.put(e), **kwargs)
+        self.submit(request)
+        try:
+            kind, value = result.get(timeout=timeout_s)
+        except queue.Empty:
+            request.cancelled.set()
+            raise TimeoutError(f"no answer within {timeout_s} s") from None
+        if kind == "error":
+            raise RuntimeError(getattr(value, "message", value))
+        return value
+
+
+class Engine(BaseEngine):
     """Batched generation on a loaded model, in a thread of its own."""
 
     def __init__(self, tokenizer, model, max_batch_size: int = 8, max_wait_ms: float = 10.0, max_queue: int = 64):
@@ -139,6 +168,19 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        return self.queue.qsize()
+
+    def problem(self, stall_s: float) -> str | None:
+        if not self.alive:
+            return "the engine thread stopped"
+        if self.error:
+            return f"the engine's last batch failed: {self.error}"
+        if self.busy_since is not None and time.perf_counter() - self.busy_since > stall_s:
+            return f"the engine has been on one batch for more than {stall_s:.0f} s"
+        return None
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; QueueFull when ``max_queue`` requests already wait."""
@@ -210,17 +252,3 @@ class Engine:
                 first_token_s=rows.first[row] - r.submitted if rows.first[row] else None,
                 total_s=ended - r.submitted, batch_size=len(batch))))
         self.on_batch(len(batch), ended - started)
-
-    def complete(self, prompt_ids: list[int], max_tokens: int, timeout_s: float = 120.0, **kwargs) -> Finished:
-        """Generate one answer and wait for it (for start-up checks and benchmarks)."""
-        result: queue.Queue = queue.Queue()
-        request = Request(prompt_ids, max_tokens, emit=lambda e: e[0] != "delta" and result.put(e), **kwargs)
-        self.submit(request)
-        try:
-            kind, value = result.get(timeout=timeout_s)
-        except queue.Empty:
-            request.cancelled.set()
-            raise TimeoutError(f"no answer within {timeout_s} s") from None
-        if kind == "error":
-            raise RuntimeError(value)
-        return value

@@ -5,7 +5,9 @@ pipeline compressed (the variant compress chose, e.g. ONNX int8) and ``llmops-mo
 the manifest: the base model by catalog name and SHA-256, the adapter's SHA-256, the
 serving files' SHA-256, the prompt settings and the answer's JSON Schema. Serving loads
 ``serving/`` when the version has it, else the catalog's base model with the adapter merged;
-every file is checked against the manifest first, and a mismatch is refused.
+every file is checked against the manifest first, and a mismatch is refused. A gateway in
+front of another engine (serve.upstream) loads the tokenizer only, with the same checks on
+the files it reads.
 
 References: ``support-triage@champion`` (an alias), ``support-triage/3`` (a version), or a
 bare name (its champion).
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from components.catalog import ModelError, resolve, weights_sha256
-from components.lm import load, verify_files
+from components.lm import load, load_tokenizer, verify_files
 from components.registry import CHAMPION, RegistryError, aliases, client, version
 from components.task import AnswerSchema
 
@@ -59,7 +61,7 @@ class ServedModel:
     variant: str  # the compressed variant (e.g. int8_weight) or "base+adapter"
     manifest: dict
     tokenizer: Any
-    model: Any
+    model: Any  # None: the tokenizer only (another engine generates)
     schema: AnswerSchema
     folder: Path
     load_s: float
@@ -114,19 +116,30 @@ def fetch(ref: ModelRef, cache: Path) -> tuple[int, Path]:
     return number, folder
 
 
-def load_folder(folder: Path, catalog: dict, state_dir: Path, weights: str = "serving") -> tuple[str, Any, Any]:
+WEIGHT_FILES = (".safetensors", ".onnx", ".onnx_data", ".onnx.data", ".bin")
+
+
+def load_folder(folder: Path, catalog: dict, state_dir: Path, weights: str = "serving",
+                tokenizer_only: bool = False) -> tuple[str, Any, Any]:
     """(variant, tokenizer, model) from a version's folder, every file checked against the
     manifest first. ``weights``: ``serving`` (the compressed variant when the version has
-    one) or ``adapter`` (always base + adapter, PyTorch fp32). Raises ModelError naming the
-    file at fault."""
+    one) or ``adapter`` (always base + adapter, PyTorch fp32). ``tokenizer_only``: model is
+    None, and of the weights only the adapter (small) is checked. Raises ModelError naming
+    the file at fault."""
     manifest = json.loads((folder / MANIFEST).read_text())
     serving = manifest.get("serving")
     if serving and weights == "serving":
         where = folder / serving.get("folder", "serving")
+        if tokenizer_only:  # every recorded file but the weights: the tokenizer and configs it reads
+            verify_files(where, {name: digest for name, digest in serving["files_sha256"].items()
+                                 if not name.endswith(WEIGHT_FILES)})
+            return serving["variant"], load_tokenizer(where), None
         tokenizer, model = load(where, expected_sha256=serving["files_sha256"])
         return serving["variant"], tokenizer, model
     adapter = folder / "adapter"
     verify_files(adapter, {"adapter_model.safetensors": manifest["adapter_sha256"]})
+    if tokenizer_only:  # the base model's weights are not read, so not checked
+        return "base+adapter", load_tokenizer(adapter), None
     base = manifest["base_model"]
     path = resolve(base["name"], catalog, state_dir)
     actual = weights_sha256(path, state_dir)
@@ -137,13 +150,14 @@ def load_folder(folder: Path, catalog: dict, state_dir: Path, weights: str = "se
     return "base+adapter", tokenizer, model
 
 
-def load_version(ref: ModelRef, catalog: dict, state_dir: Path, weights: str = "serving") -> ServedModel:
-    """Fetch, check and load the version ``ref`` names (``weights``: see load_folder).
-    Raises RegistryError (no such model, alias or version; registry unreachable) or
-    ModelError (a file missing or altered)."""
+def load_version(ref: ModelRef, catalog: dict, state_dir: Path, weights: str = "serving",
+                 tokenizer_only: bool = False) -> ServedModel:
+    """Fetch, check and load the version ``ref`` names (``weights``, ``tokenizer_only``: see
+    load_folder). Raises RegistryError (no such model, alias or version; registry
+    unreachable) or ModelError (a file missing or altered)."""
     started = time.perf_counter()
     number, folder = fetch(ref, state_dir / "serving" / "versions")
-    variant, tokenizer, model = load_folder(folder, catalog, state_dir, weights)
+    variant, tokenizer, model = load_folder(folder, catalog, state_dir, weights, tokenizer_only)
     manifest = json.loads((folder / MANIFEST).read_text())
     answer = manifest["answer_schema"]
     return ServedModel(name=ref.name, version=number, alias=ref.alias, variant=variant, manifest=manifest,

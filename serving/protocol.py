@@ -1,6 +1,7 @@
-"""The wire format: the fields of OpenAI's chat completion request this endpoint honours,
-OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, and the checks
-of a ``response_format`` (its schema, and whether an answer meets it)."""
+"""The wire format: the fields of OpenAI's chat completion and (legacy) completion requests
+this endpoint honours, OpenAI's error shape, ``{"error": {"message", "type", "param",
+"code"}}``, and the checks of a ``response_format`` (its schema, and whether an answer
+meets it)."""
 from __future__ import annotations
 
 import json
@@ -39,21 +40,42 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat completion request this endpoint honours; others (seed,
-    user, logprobs=false, ...) are accepted and ignored."""
+class Sampled(BaseModel):
+    """The fields both requests share; others (seed, user, ...) are accepted and ignored."""
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)  # 0 (the default here): greedy, deterministic
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(Sampled):
+    """The fields of OpenAI's chat completion request this endpoint honours (logprobs=false
+    and other fields are accepted and ignored)."""
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(Sampled):
+    """The fields of OpenAI's legacy completion request this endpoint honours: one text
+    prompt (tokenized as it is, with the tokenizer's own special tokens, as vLLM does)."""
+    prompt: str = Field(min_length=1)
+    echo: Literal[False] = False  # the prompt is not repeated in the answer
+    logprobs: None = None  # not offered
+    suffix: None = None  # no insertion
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:

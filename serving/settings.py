@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from components.base import StrictModel
 
@@ -47,6 +48,37 @@ class RequestLogSpec(StrictModel):
     upload_every_s: float = Field(60.0, gt=0)  # how often the growing file is shipped again
 
 
+class UpstreamSpec(StrictModel):
+    """An external OpenAI-compatible engine (vLLM, a KServe Hugging Face runtime) that
+    generates instead of this process; keys, limits, the cache, features, retrieval and the
+    request log stay here."""
+    url: str | None = None  # its OpenAI base URL (vLLM: http://host:8000/v1); null: the in-process engine
+    model: str | None = None  # the model name it serves; null: the version's name/version
+    api_key_env: str | None = None  # environment variable with its API key (sent as a Bearer token)
+    connect_timeout_s: float = Field(5.0, gt=0)  # no connection by then: 503
+    read_timeout_s: float = Field(60.0, gt=0)  # no bytes of an answer for this long: 504
+    max_concurrent: int = Field(16, ge=1)  # requests in flight to it; more wait (batching.max_queue)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, e.g. http://vllm:8000/v1 (got {url!r})")
+        return url.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # not echoed: it may be a key
+            raise ValueError("must be the name of an environment variable (letters, digits, _), never the key itself")
+        return name
+
+
 class ServeSpec(StrictModel):
     host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set keys first
     port: int = Field(8000, ge=1, le=65535)
@@ -62,6 +94,7 @@ class ServeSpec(StrictModel):
     rate_limits: RateLimitSpec = RateLimitSpec()
     cache: CacheSpec = CacheSpec()
     request_log: RequestLogSpec = RequestLogSpec()
+    upstream: UpstreamSpec = UpstreamSpec()
 
 
 def parse_keys(text: str, where: str) -> dict[str, str]:

@@ -5,8 +5,9 @@ time to read features as of); the endpoint reads the customer's features from Fe
 top-k articles from the vector store, builds the prompt with the function training used
 (components/task.py ``build_messages``, with the served version's own recorded prompt),
 generates a greedy answer constrained to the answers the version's schema allows
-(serving/constrain.py; validated only where they cannot be listed), checks it, and returns the parsed answer with the retrieved articles, the features, the model
-version and timings. An answer the model gets wrong in form is ``valid: false`` with the
+(serving/constrain.py; validated only where they cannot be listed, or when an upstream
+engine generates: serving/upstream.py), checks it, and returns the parsed answer with the
+retrieved articles, the features, the model version and timings. An answer the model gets wrong in form is ``valid: false`` with the
 raw text and the schema errors (200), never a 500.
 
 Features come from the online store (now) through the feature server (the one process that
@@ -32,13 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from components.base import StageError, plain
 from components.featurestore import (Embedder, FeaturesSpec, FeatureStoreUnavailable, Online, Retriever,
                                      historical_features, online_features, service_fields)
-from components.lm import prompt_ids
 from components.task import ARTICLES, TaskSpec, build_messages, query_text, template_fields
 from serving.constrain import AnswerConstraint
 from serving.protocol import ApiError
 from serving.records import elapsed_ms, now_iso
 
 HEALTH_TTL_S = 5.0  # how long a feature-server health answer is trusted by /ready
+UNCONSTRAINED_UPSTREAM = ("decoding is not constrained (an upstream engine generates): answers are validated "
+                          "against the schema, valid: false with the text when wrong")
 
 
 class TriageRequest(BaseModel):
@@ -140,14 +142,16 @@ def open_triage(manifest: dict, current: FeaturesSpec, repo: Path, state_dir: Pa
 
 
 def add_route(app: FastAPI, shared, triage: Triage) -> None:
-    """Register POST /v1/triage on ``app`` (``shared``: serving.app.Shared)."""
+    """Register POST /v1/triage on ``app`` (``shared``: serving.shared.Shared)."""
     served, spec, log = shared.served, shared.spec, shared.log
-    if triage.constrain and triage.constraint is None and triage.constraint_note is None:
+    remote = shared.engine.remote  # the constraint is a logits processor: the in-process engine's only
+    if triage.constrain and not remote and triage.constraint is None and triage.constraint_note is None:
         try:
             triage.constraint = AnswerConstraint.build(served.tokenizer, served.schema)
             triage.constraint_note = f"decoding constrained to the schema's {triage.constraint.answers:,} answers"
         except ValueError as exc:
             triage.constraint_note = str(exc)
+    constraint = None if remote else triage.constraint
 
     @app.post("/v1/triage")
     async def triage_route(body: TriageRequest, request: HttpRequest):
@@ -185,13 +189,13 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
         except StageError as exc:  # e.g. an unknown customer with features.unknown_customer: error
             logged(422, str(exc))
             raise ApiError(422, str(exc), param=triage.features.entity_key, code="unknown_entity") from None
-        ids = prompt_ids(ctx["messages"], served.tokenizer)
+        ids, text = shared.prompt(ctx["messages"])
         max_tokens = body.max_tokens or spec.limits.default_max_tokens
         shared.check_max_tokens(max_tokens)
         shared.check_prompt(ids, request.state.caller, "body")
         record |= {"messages": ctx["messages"], "prompt_tokens": len(ids),
                    "articles": [{"article_id": a["article_id"], "score": a["score"]} for a in ctx["articles"]]}
-        gen = shared.start(ids, max_tokens, json_only=True, constraint=triage.constraint)
+        gen = shared.start(ids, max_tokens, json_only=True, constraint=constraint, text=text)
         try:
             done = await shared.wait(gen)
         except ApiError as exc:
@@ -204,7 +208,7 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
                finish_reason=done.finish_reason, cached=gen.hit is not None, batch_size=done.batch_size)
         return {"id": request_id, "object": "triage", "created": int(time.time()), "model": served.id,
                 "variant": served.variant, "valid": answer is not None, "answer": answer, "text": done.text,
-                "errors": errors, "constrained": triage.constraint is not None, "articles": ctx["articles"], "features": ctx["features"],
+                "errors": errors, "constrained": constraint is not None, "articles": ctx["articles"], "features": ctx["features"],
                 "features_as_of": body.time.isoformat() if body.time else "now", "cached": gen.hit is not None,
                 "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                           "total_tokens": done.prompt_tokens + done.completion_tokens},

@@ -95,6 +95,10 @@ def test_error_names_file_line_key_and_value(tmp_path):
     ("ingest.source.n_tickets=abc",
      "pipelines.support-triage.ingest.source.n_tickets: input should be a valid integer, unable to parse "
      "string as an integer (got 'abc') (from --set)"),
+    ("serve.upstream.url=vllm:8000/v1", "pipelines.support-triage.serve.upstream.url: must be an http:// or "
+     "https:// URL with a host, e.g. http://vllm:8000/v1 (got 'vllm:8000/v1') (from --set)"),
+    ("serve.upstream.api_key_env=sk-0123456789abcdef", "pipelines.support-triage.serve.upstream.api_key_env: must be "
+     "the name of an environment variable (letters, digits, _), never the key itself (from --set)"),
     ("services.storage.bucket=x",
      "services.storage.bucket: unknown key; allowed: artifacts_dir, s3_endpoint_url, state_dir (from --set)"),
 ])

@@ -2,14 +2,15 @@
 SQLite registry of its own, loaded as serving loads it, and a live HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import (build_features_and_prepare, free_port, make_project, register_run, run_cli,  # noqa: F401
-                            sqlite_registry)
+from tests.conftest import (BIN, build_features_and_prepare, cli_env, free_port, make_project,  # noqa: F401
+                            register_run, run_cli, sqlite_registry)
 
 NAME = "triage-serve"
 
@@ -50,6 +51,26 @@ def samples(server) -> dict[str, float]:
 
 def grew(before: dict, after: dict, name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def serve_cli(args: list[str], cwd, port: int, timeout: float = 180.0) -> subprocess.Popen:
+    """``llmops ARGS`` (a `serve`) started in ``cwd``, once it answers /health on ``port``;
+    stop it with SIGINT and read its output with ``communicate``."""
+    proc = subprocess.Popen([str(BIN / "llmops"), *args], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"llmops serve exited {proc.returncode}: {proc.communicate()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"llmops serve did not answer /health within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 class LiveServer:

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import time
 
 import httpx
 import pytest
 
 from components.catalog import ModelError
 from serving.model import ModelRef, load_folder
-from tests.conftest import BIN, REPO, cli_env, run_cli
-from tests.serving.conftest import NAME, free_port
+from tests.conftest import REPO, run_cli
+from tests.serving.conftest import NAME, free_port, serve_cli
 
 
 def serve_args(champion, tmp_path, *extra: str) -> list[str]:
@@ -25,19 +23,8 @@ def test_serve_starts_prints_what_it_serves_and_answers(champion, tmp_path):
     port = free_port()
     # no --model: the pipeline's register.model_name at champion
     args = serve_args(champion, tmp_path, "--port", str(port), "--set", f"register.model_name={NAME}")
-    proc = subprocess.Popen([str(BIN / "llmops"), *args],
-                            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = serve_cli(args, tmp_path, port)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "llmops serve did not answer /health"
-            time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == f"{NAME}/1"
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                        json={"model": f"{NAME}@champion", "messages": [{"role": "user", "content": "hi"}],
