@@ -63,7 +63,8 @@ def print_summary(summary: dict, alerts: dict) -> None:
     if w["corrupt_lines"]:
         out.print(f"skipped {w['corrupt_lines']} corrupt log lines, e.g. {escape(w['corrupt_examples'][0])}")
     if w["other_versions"]:
-        out.print("not compared (other versions): " + ", ".join(f"{k}: {v}" for k, v in w["other_versions"].items()))
+        out.print("not compared (other versions): " + ", ".join(f"{k}: {v}" for k, v in w["other_versions"].items())
+                  + ("; monitor one of them with --model NAME/VERSION" if not w["requests"] else ""))
     table = Table("signal", "value", "threshold", "requests", "drift", "detail", title_justify="left",
                   title=f"drift signals ({summary['seconds']} s)")
     style = {"drift": "bold red", "ok": "green", "not enough data": "yellow"}

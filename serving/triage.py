@@ -66,6 +66,7 @@ class Triage:
     constrain: bool = True  # decode only the answers the schema allows (when they can be listed)
     constraint: AnswerConstraint | None = None
     constraint_note: str | None = None  # what the constraint is, or why there is none
+    constraint_for: str | None = None  # the version (name/version) whose tokenizer and schema built it
     _health: tuple[float, str | None] = field(default=(0.0, None))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -145,12 +146,13 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
     """Register POST /v1/triage on ``app`` (``shared``: serving.shared.Shared)."""
     served, spec, log = shared.served, shared.spec, shared.log
     remote = shared.engine.remote  # the constraint is a logits processor: the in-process engine's only
-    if triage.constrain and not remote and triage.constraint is None and triage.constraint_note is None:
+    if triage.constrain and not remote and triage.constraint_for != served.id:  # built once per version
+        triage.constraint_for = served.id
         try:
             triage.constraint = AnswerConstraint.build(served.tokenizer, served.schema)
             triage.constraint_note = f"decoding constrained to the schema's {triage.constraint.answers:,} answers"
         except ValueError as exc:
-            triage.constraint_note = str(exc)
+            triage.constraint, triage.constraint_note = None, str(exc)
     constraint = None if remote else triage.constraint
 
     @app.post("/v1/triage")

@@ -89,7 +89,7 @@ class AlertSpec(StrictModel):
 class MonitorSpec(StrictModel):
     # Where the request log is: null: serve.request_log (its folder); a folder; or s3://bucket/prefix
     log: str | None = None
-    routes: list[str] = ["/v1/triage", "/v1/chat/completions"]
+    routes: list[str] = ["/v1/triage", "/v1/chat/completions", "/v1/completions"]
     window: Window = Window()
     reference_split: Literal["train", "validation", "test"] = "train"
     signals: Signals = Signals()

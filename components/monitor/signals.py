@@ -80,7 +80,9 @@ def window_frame(records: list[dict], count_tokens: Callable[[list[dict]], int],
         status = int(r.get("status") or 0)
         row = {"status": status, "is_error": float(status >= 500), "rate_limited": float(status == 429),
                "latency_ms": float(r["latency_ms"]) if status == 200 and r.get("latency_ms") is not None else np.nan}
-        messages = r.get("messages") if status == 200 else None
+        messages = r.get("messages") or ([{"role": "user", "content": r["prompt"]}]  # /v1/completions: a text
+                                         if isinstance(r.get("prompt"), str) else None)
+        messages = messages if status == 200 else None
         if messages:
             row["text"] = request_text([m for m in messages if m.get("role") != "assistant"])
             row["prompt_tokens"] = float(r["prompt_tokens"]) if r.get("prompt_tokens") else float(count_tokens(messages))

@@ -216,3 +216,9 @@ def test_alerts_reach_a_webhook_slack_and_smtp_and_a_dead_channel_is_counted(tmp
     back = alerts.alert_run(spec, summary_with({"embeddings": "ok", "unseen_words": "ok"}), state, sink)
     assert [a["event"] for a in back["alerts"]] == ["llmops.drift.recovered"]
     assert dict(received[2:])["/slack"]["text"].startswith("Drift recovered")
+
+
+def test_an_empty_window_is_not_enough_data_everywhere(reference):
+    results = signals_of([], reference)
+    assert {r.status for r in results.values()} == {"not enough data"}
+    assert all(r.value is None and r.n == 0 for r in results.values())

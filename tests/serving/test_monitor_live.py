@@ -66,16 +66,31 @@ def written(log: RequestLog, n: int, timeout_s: float = 30) -> None:
 
 
 def monitor(project: Path, log: Path, prefect_server: str, env: dict, *args: str):
+    """`llmops monitor` as a user runs it: the CLI, its flow on the Prefect server."""
     return run_cli(["monitor", "--model", f"{DRIFT}@champion", "--set", f"monitor.log={log}", *SETTINGS, *args],
                    cwd=project, PREFECT_API_URL=prefect_server, COLUMNS="200", **env)
 
 
+def monitor_here(project: Path, log: Path, last: int) -> tuple[dict, dict]:
+    """The same run in this process, without Prefect (llmops/monitoring.py)."""
+    from llmops.monitoring import monitor_once
+    from llmops.spec import load_spec
+
+    overrides = [o for o in SETTINGS if o != "--set"] + [f"monitor.log={log}", f"monitor.window.last_requests={last}"]
+    spec = load_spec(project / "pipelines.yaml", [f"pipelines.support-triage.{o}" for o in overrides])
+    with sqlite_registry(project / ".llmops" / "mlflow", experiment="support-triage"):
+        return monitor_once(spec, project, "support-triage", f"{DRIFT}@champion", say=lambda line: None)
+
+
 def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, triage, served_drift, feature_project,
-                                                                  prefect_server, webhook, smtp, tmp_path):
+                                                                  prefect_server, webhook, smtp, tmp_path,
+                                                                  monkeypatch):
     url, received = webhook
     host, inbox = smtp
     env = {"LLMOPS_ALERT_WEBHOOK_URL": f"{url}/drift", "LLMOPS_SMTP_HOST": host,
            "LLMOPS_ALERT_EMAIL_TO": "oncall@example.test"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     project, data = feature_project["project"], feature_project["data"]
     held_out = [e["ticket_id"] for split in ("validation", "test")
                 for e in read_examples(feature_project["prepare"] / f"{split}.jsonl")]
@@ -85,15 +100,15 @@ def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, tria
     with serve_app(log=log, triage=triage, version=served_drift) as server:
         send(server, [ticket(data, t) for t in held_out])
         written(log, len(held_out))
-        ordinary = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)))
-        assert ordinary.returncode == 0, ordinary.stdout + ordinary.stderr
-        assert "no drift" in ordinary.stdout and received == [] and inbox == [], ordinary.stdout
+        summary, outcome = monitor_here(project, log_dir, len(held_out))
+        assert summary["window"]["requests"] == len(held_out) and summary["reference"]["found_at"] == "registry run"
+        assert summary["drifted"] == [] and outcome["alerts"] == [] and received == [] and inbox == [], summary
         send(server, [ticket(spanish, t) for t in spanish.tickets.ticket_id])
         written(log, 2 * len(held_out))
     log.close()
 
-    shifted = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)))
-    assert shifted.returncode == 0, shifted.stdout + shifted.stderr
+    shifted = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)), "--fail-on-drift")
+    assert shifted.returncode == 3, shifted.stdout + shifted.stderr  # drift, with --fail-on-drift
     rows = {line.split("│")[1].strip(): line for line in shifted.stdout.splitlines() if line.count("│") > 5}
     assert "yes" in rows["unseen_words"] and "yes" in rows["frequent_words"], shifted.stdout
     assert "alert sent: webhook ($LLMOPS_ALERT_WEBHOOK_URL): llmops.drift.detected" in shifted.stdout
@@ -111,9 +126,9 @@ def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, tria
     assert event["event"] == "llmops.drift.detected" and event["resource"]["prefect.resource.id"] == f"llmops.model.{DRIFT}"
     assert {s["name"] for s in event["payload"]["signals"]} == set(drifted)
 
-    again = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)), "--fail-on-drift")
-    assert again.returncode == 3, again.stdout + again.stderr  # still drifting
-    assert "within the cooldown (no new alert)" in again.stdout and len(received) == 1 and len(inbox) == 1
+    summary, outcome = monitor_here(project, log_dir, len(held_out))  # inside the cooldown
+    assert set(summary["drifted"]) == set(drifted) and outcome["alerts"] == []
+    assert outcome["suppressed"] == summary["drifted"] and len(received) == 1 and len(inbox) == 1
     history = [json.loads(line) for line in (feature_project["state"] / "monitor" / "support-triage" /
                                              "history.jsonl").read_text().splitlines()]
     assert [bool(h["drifted"]) for h in history[-3:]] == [False, True, True]
@@ -123,3 +138,5 @@ def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, tria
         runs = mlflow.search_runs(experiment_names=["support-triage"], filter_string="tags.`llmops.kind` = 'monitor'")
         assert len(runs) == 3 and set(runs["tags.llmops.model_version"]) == {f"{DRIFT}/1"}
         assert sorted(runs["metrics.drift.unseen_words"])[-1] == drifted["unseen_words"]["value"]
+        tags = mlflow.MlflowClient().get_model_version(DRIFT, "1").tags
+        assert tags["monitor.last_run"] in set(runs["run_id"])
