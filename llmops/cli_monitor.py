@@ -65,15 +65,15 @@ def print_summary(summary: dict, alerts: dict) -> None:
     if w["other_versions"]:
         out.print("not compared (other versions): " + ", ".join(f"{k}: {v}" for k, v in w["other_versions"].items())
                   + ("; monitor one of them with --model NAME/VERSION" if not w["requests"] else ""))
-    table = Table("signal", "value", "threshold", "requests", "drift", "detail", title_justify="left",
+    table = Table("signal", "value", "threshold", "chance", "requests", "drift", "detail", title_justify="left",
                   title=f"drift signals ({summary['seconds']} s)")
     style = {"drift": "bold red", "ok": "green", "not enough data": "yellow"}
     for s in summary["signals"]:
         below = s["name"] in ("answer_validity", "retrieval_similarity")
-        value = "-" if s["value"] is None else f"{s['value']:.4g}"
         verdict = {"drift": "yes", "ok": "no"}.get(s["status"], s["status"])
-        table.add_row(s["name"], value, f"{'<' if below else '>'} {s['threshold']:g}", f"{s['n']:,}",
-                      f"[{style[s['status']]}]{verdict}[/]", escape(s["detail"]))
+        table.add_row(s["name"], _number(s["value"]), f"{'<' if below else '>'} {_number(s['threshold'])}",
+                      _number(s.get("chance")), f"{s['n']:,}", f"[{style[s['status']]}]{verdict}[/]",
+                      escape(s["detail"]))
     out.print(table)
     out.print(f"report: {summary['report'] or '(none: no signal had enough data)'}")
     out.print(f"summary: {Path(summary['folder']) / 'summary.json'}; MLflow run {summary.get('mlflow_run_id')}")
@@ -88,3 +88,9 @@ def print_summary(summary: dict, alerts: dict) -> None:
     if not summary["drifted"]:
         out.print("no drift" + (" (some signals had not enough data)" if any(
             s["status"] == "not enough data" for s in summary["signals"]) else ""))
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"

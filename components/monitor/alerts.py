@@ -3,8 +3,9 @@
 The state file remembers, per signal, whether it is drifting and when it last alerted. A
 run alerts about the signals that drift and have not alerted within ``cooldown_minutes``
 (de-duplication: a signal that keeps drifting is not repeated every run), and sends a
-"recovered" message for signals that drifted before and are now under their threshold. A
-signal with not enough data keeps its state. Every channel is tried ``retries`` more times
+"recovered" message for signals that drifted before and are now under their threshold;
+after a recovery the next drift alerts at once. A signal with not enough data keeps its
+state. Every channel is tried ``retries`` more times
 with doubling waits; a channel that still fails is logged and counted in the result, and
 the other channels and the monitoring go on.
 
@@ -46,6 +47,7 @@ def decide(summary: dict, state: dict, cooldown_minutes: float, now: datetime) -
         elif s["status"] == "ok":
             if entry.get("drifting"):
                 recovered.append(s)
+                entry["last_alert"] = None  # a new episode alerts at once (as Alertmanager does)
             entry["drifting"] = False
     return alert, recovered, new_state
 

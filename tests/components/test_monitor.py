@@ -183,6 +183,9 @@ def test_a_drifting_signal_alerts_once_per_cooldown_then_recovers():
     fire, recovered, state = alerts.decide(summary_with({"embeddings": "drift", "prompt_tokens": "ok"}), state, 60,
                                            t0 + timedelta(minutes=61))
     assert [s["name"] for s in fire] == ["embeddings"] and [s["name"] for s in recovered] == ["prompt_tokens"]
+    fire, _, state = alerts.decide(summary_with({"embeddings": "drift", "prompt_tokens": "drift"}), state, 60,
+                                   t0 + timedelta(minutes=62))
+    assert [s["name"] for s in fire] == ["prompt_tokens"]  # a new episode after its recovery: at once
 
 
 def test_alerts_reach_a_webhook_slack_and_smtp_and_a_dead_channel_is_counted(tmp_path, webhook, smtp, monkeypatch):
