@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -120,13 +121,26 @@ def serve(
                          + (" (started for this endpoint; stopped when it exits)" if triage.started_server else "")
                          + (f"; {UNCONSTRAINED_UPSTREAM}" if upstream and triage.constrain else
                             f"; {triage.constraint_note}" if triage.constraint_note else "")), highlight=False)
+    # uvicorn shuts down gracefully on SIGTERM (systemd, Kubernetes), then raises it again:
+    # end as on Ctrl-C, so the cleanup below runs (the request log is flushed, a feature
+    # server started for this endpoint stops) instead of the process dying mid-way.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         uvicorn.run(application, host=bind_host, port=bind_port, log_level="warning", access_log=False)
     finally:
         engine.stop()
         if log is not None:
             log.close()
+        stopped = ""
         if triage is not None and triage.started_server:  # one started for this endpoint goes with it
             from components import featureserver
 
             featureserver.stop(spec.state_dir(root), name)
+            stopped = "; the feature server it started stopped"
+        console.print(f"stopped serving {served.id}"
+                      + (f"; request log: {log.written:,} written, {log.dropped:,} dropped" if log else "")
+                      + stopped, highlight=False)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)

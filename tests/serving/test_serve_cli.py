@@ -31,8 +31,9 @@ def test_serve_starts_prints_what_it_serves_and_answers(champion, tmp_path):
                              "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as systemd or Kubernetes stop it: a clean shutdown, log flushed
         _, err = proc.communicate(timeout=60)
+    assert f"stopped serving {NAME}/1; request log: 1 written, 0 dropped" in err, err
     assert f"serving {NAME}/1 ({NAME}@champion, base+adapter) loaded in" in err
     assert f"http://127.0.0.1:{port}/v1/chat/completions" in err and "API keys: none needed" in err
     assert "Traceback" not in err
