@@ -225,3 +225,23 @@ def test_an_empty_window_is_not_enough_data_everywhere(reference):
     results = signals_of([], reference)
     assert {r.status for r in results.values()} == {"not enough data"}
     assert all(r.value is None and r.n == 0 for r in results.values())
+
+
+def test_the_window_reads_the_log_the_endpoint_shipped_to_s3(tmp_path, s3_endpoint):
+    """serve.request_log.s3_uri -> monitor.log: the same records, read back from a real S3
+    API (moto on 127.0.0.1); a bucket that does not exist is a clear error."""
+    import boto3
+
+    from serving.records import RequestLog, S3Shipper
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="logs")
+    log = RequestLog(tmp_path / "local", shipper=S3Shipper(f"s3://logs/llmops/{MODEL.split('/')[0]}", s3_endpoint))
+    for i in range(5):
+        log.append({"request_id": i, "route": "/v1/triage", "model": MODEL if i != 2 else "support-triage/2",
+                    "status": 200, "time": f"2026-11-29T10:00:0{i}+00:00"})
+    log.close()
+    window = read_window("s3://logs/llmops/support-triage", MODEL, ["/v1/triage"], 10, None, s3_endpoint)
+    assert [r["request_id"] for r in window.records] == [0, 1, 3, 4] and window.files == 1
+    assert dict(window.other_versions) == {"support-triage/2": 1} and window.source == "s3://logs/llmops/support-triage"
+    with pytest.raises(StageError, match=r"request log s3://nothing/here: cannot read it: .*NoSuchBucket"):
+        read_window("s3://nothing/here", MODEL, ["/v1/triage"], 10, None, s3_endpoint)
