@@ -72,7 +72,7 @@ def monitor_once(spec: Spec, root: Path, pipeline: str, model: str | None = None
         return Embedder(embedding_model, spec.models, spec.state_dir(root))
 
     summary = job.run(cfg, served, source, out, spec.artifacts_dir(root) / pipeline / "prepare", embedder,
-                      spec.services.storage.s3_endpoint_url, say)
+                      spec.services.storage.s3_endpoint_url, say, embedding_model)
     outcome = alerts.alert_run(cfg.alerts, summary, out / "alert_state.json", out / "alerts.jsonl")
     summary["alerts"] = {k: v for k, v in outcome.items() if k != "alerts"}
     with mlflow.start_run(experiment_id=_experiment_id(spec, root, pipeline), run_name="monitor",
@@ -82,7 +82,9 @@ def monitor_once(spec: Spec, root: Path, pipeline: str, model: str | None = None
         tracking.log_metrics({f"drift.{s['name']}": s["value"] for s in summary["signals"] if s["value"] is not None}
                              | {"window.requests": summary["window"]["requests"],
                                 "drift.signals_drifted": len(summary["drifted"])})
-        tracking.log_artifacts(Path(summary["folder"]), "monitor")
+        # the summary only: the HTML report (~4 MB) stays in the run folder, named by the tag
+        tracking.log_artifacts(Path(summary["folder"]) / "summary.json", "monitor")
+        mlflow.set_tag("llmops.report", str(summary["report"]))
         summary["mlflow_run_id"] = run.info.run_id
     name, number = served.id.split("/")
     mlflow.MlflowClient().set_model_version_tag(name, number, "monitor.last_run", run.info.run_id)

@@ -10,6 +10,7 @@ with ``evidently ui --workspace <that folder>``).
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,8 +41,9 @@ class Served:
 
 def run(cfg: MonitorSpec, served: Served, log_source: str, out: Path, artifacts_prepare: Path,
         embedder: Callable[[], object], s3_endpoint_url: str | None = None,
-        say: Callable[[str], None] = lambda line: None) -> dict:
-    """Monitor once; returns the summary (also written to the run folder)."""
+        say: Callable[[str], None] = lambda line: None, embedding_model: str = "") -> dict:
+    """Monitor once; returns the summary (also written to the run folder). ``embedder()``
+    loads ``embedding_model`` (its name keys the kept reference embeddings)."""
     from components.lm import prompt_ids
 
     started = time.perf_counter()
@@ -58,7 +60,8 @@ def run(cfg: MonitorSpec, served: Served, log_source: str, out: Path, artifacts_
 
     current = window_frame(window.records, count, served.schema.parse)
     reference = reference_frame(ref, count)
-    cache = _ReferenceEmbeddings(out / "reference", ref.sha256, ref.texts, embedder, say)
+    cache = _ReferenceEmbeddings(out / "reference", f"{ref.sha256}.{re.sub(r'[^A-Za-z0-9_.-]+', '-', embedding_model)}",
+                                 ref.texts, embedder, say)
 
     def embed(texts: list[str], side: str) -> np.ndarray:
         return cache.get(texts) if side == "reference" else cache.model().encode(texts)
@@ -96,8 +99,8 @@ def run(cfg: MonitorSpec, served: Served, log_source: str, out: Path, artifacts_
 class _ReferenceEmbeddings:
     """The reference prompts' embeddings, computed once per reference hash and kept."""
 
-    def __init__(self, folder: Path, sha256: str, texts: list[str], embedder, say):
-        self.path = folder / f"{sha256}.embeddings.npy"
+    def __init__(self, folder: Path, key: str, texts: list[str], embedder, say):
+        self.path = folder / f"{key}.embeddings.npy"
         self.texts, self._embedder, self._model, self.say = texts, embedder, None, say
         self._matrix: np.ndarray | None = None
 
