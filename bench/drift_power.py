@@ -134,7 +134,7 @@ def main() -> None:
     def judge(window: list[dict], kind: str, share: float, size: int) -> None:
         current = window_frame(window, count, served.schema.parse)
         started = time.perf_counter()
-        results, _ = compute(cfg, current, reference.copy(), ref.texts, embed, int(rng.integers(1 << 30)))
+        results, _ = compute(cfg, current, reference, ref.texts, embed, int(rng.integers(1 << 30)))
         drifted = {r.name: r.drifted for r in results if r.name in CONTENT}
         rows.append({"kind": kind, "share": share, "size": size, "seconds": time.perf_counter() - started,
                      "drifted": drifted, "any": any(drifted.values()),

@@ -4,7 +4,6 @@ with its signal table as a Markdown artifact and each alert as a Prefect event
 model as its resource) that an automation can act on, e.g. start a retraining run."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -12,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from components.base import markdown_table
+from flows.pipeline import artifact_key
 from llmops.monitoring import monitor_once
 from llmops.spec import load_spec
 
@@ -27,7 +27,7 @@ def monitor_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None,
     rows = [{"signal": s["name"], "value": s["value"], "threshold": s["threshold"], "requests": s["n"],
              "drift": s["status"], "detail": s["detail"]} for s in summary["signals"]]
     create_markdown_artifact(
-        key=re.sub(r"[^a-z0-9-]+", "-", f"{name}-drift".lower()).strip("-"),
+        key=artifact_key(name, "drift"),
         markdown=f"# Drift of {summary['model']}\n\nwindow: {summary['window']['requests']} requests "
                  f"({summary['window']['first']} .. {summary['window']['last']}); report: {summary['report']}\n\n"
                  + markdown_table(rows),

@@ -53,7 +53,7 @@ def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str,
     seconds = round(time.perf_counter() - started, 1)
     outputs = {name: str(path) for name, path in result.outputs.items()}
     listing = "\n".join(f"- `{name}`: `{path}`" for name, path in outputs.items())
-    create_markdown_artifact(key=_artifact_key(pipeline, stage),
+    create_markdown_artifact(key=artifact_key(pipeline, stage),
                              markdown=f"{result.summary}\n\n**Outputs**\n{listing}\n",
                              description=f"{pipeline}: {stage}")
     logger.info("stage %s: done in %.1f s", stage, seconds)
@@ -98,6 +98,6 @@ def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None
     return outputs
 
 
-def _artifact_key(pipeline: str, stage: str) -> str:
+def artifact_key(pipeline: str, stage: str) -> str:
     # Prefect artifact keys allow lowercase letters, digits and dashes only.
     return re.sub(r"[^a-z0-9-]+", "-", f"{pipeline}-{stage}".lower()).strip("-")

@@ -34,13 +34,13 @@ def monitor(
     from components.registry import RegistryError
     from llmops.runner import configure_environment
 
-    overrides = list(overrides or [])
-    name, _ = _load(file, overrides, pipeline).pipeline(pipeline)
+    overrides = list(overrides or [])  # keys relative to the pipeline, as --set takes them
     if last is not None:
-        overrides.append(f"pipelines.{name}.monitor.window.last_requests={last}")
+        overrides.append(f"monitor.window.last_requests={last}")
     if hours is not None:
-        overrides.append(f"pipelines.{name}.monitor.window.hours={hours}")
+        overrides.append(f"monitor.window.hours={hours}")
     spec = _load(file, overrides, pipeline)
+    name, _ = spec.pipeline(pipeline)
     configure_environment(spec, _root(file))
     _check_services(prefect=True)
     from flows.monitor import monitor_flow  # after configure_environment: Prefect reads env at import

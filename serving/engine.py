@@ -129,6 +129,11 @@ class BaseEngine:
     def problem(self, stall_s: float) -> str | None:
         raise NotImplementedError
 
+    @property
+    def alive(self) -> bool:
+        """The engine's thread (every engine works in one: ``_thread``) still runs."""
+        return self._thread.is_alive()
+
     def complete(self, prompt_ids: list[int], max_tokens: int, timeout_s: float = 120.0, **kwargs) -> Finished:
         """Generate one answer and wait for it (for start-up checks and benchmarks)."""
         result: queue.Queue = queue.Queue()
@@ -164,10 +169,6 @@ class Engine(BaseEngine):
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     @property
     def pending(self) -> int:

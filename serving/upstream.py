@@ -91,10 +91,6 @@ class UpstreamEngine(BaseEngine):
         self._thread.join(timeout=10)
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
     def pending(self) -> int:
         return self._waiting
 

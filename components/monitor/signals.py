@@ -84,7 +84,7 @@ def window_frame(records: list[dict], count_tokens: Callable[[list[dict]], int],
                                          if isinstance(r.get("prompt"), str) else None)
         messages = messages if status == 200 else None
         if messages:
-            row["text"] = request_text([m for m in messages if m.get("role") != "assistant"])
+            row["text"] = request_text(messages)
             row["prompt_tokens"] = float(r["prompt_tokens"]) if r.get("prompt_tokens") else float(count_tokens(messages))
             if r.get("valid") is not None:
                 row["valid"] = float(bool(r["valid"]))
@@ -113,10 +113,14 @@ def compute(cfg: Signals, current: pd.DataFrame, reference: pd.DataFrame, ref_te
     from evidently.tests import gte, lte
 
     rng = np.random.default_rng(seed)
-    current = current.copy()
-    vocab = Counter(w for t in ref_texts for w in words(t))
+    current, reference = current.copy(), reference.copy()
+    ref_words = [words(t) for t in ref_texts]  # each text is split into words once
+    vocab = Counter(w for ws in ref_words for w in ws)
+    texts = [t for t in current.get("text", pd.Series(dtype=object)).tolist() if isinstance(t, str)]
+    text_words = {t: words(t) for t in texts}
     if "text" in current:
-        current["unseen_words"] = [_unseen_share(t, vocab) if isinstance(t, str) else np.nan for t in current["text"]]
+        current["unseen_words"] = [_unseen_share(text_words[t], vocab) if isinstance(t, str) else np.nan
+                                   for t in current["text"]]
     label_cols = sorted(c for c in reference.columns if c.startswith("label.") and c in current)
     numeric = ["prompt_tokens", "unseen_words", "valid", "top_score", "is_error", "rate_limited", "latency_ms"]
     for frame in (current, reference):
@@ -186,9 +190,8 @@ def compute(cfg: Signals, current: pd.DataFrame, reference: pd.DataFrame, ref_te
         results.append(_judge("answer_labels", worst[1] if worst else None, cfg.answer_labels,
                               worst[2] if worst else max(t[2] for t in labels_seen), detail,
                               chance=worst[3] if worst else None))
-    texts = [t for t in current.get("text", pd.Series(dtype=object)).tolist() if isinstance(t, str)]
     if cfg.frequent_words.enabled:
-        results.append(_frequent_words(cfg.frequent_words, texts, ref_texts, vocab, rng, q))
+        results.append(_frequent_words(cfg.frequent_words, [text_words[t] for t in texts], ref_words, vocab, rng, q))
     if cfg.embeddings.enabled:
         results.append(_embeddings(cfg.embeddings, texts, ref_texts, embed, rng, q))
     order = list(STATISTIC)
@@ -235,43 +238,43 @@ def _judge(name: str, value: float | None, spec, n: int, detail: str = "", chanc
                         STATISTIC[name], detail, None if chance is None else round(chance, 6))
 
 
-def _unseen_share(text: str, vocab: Counter) -> float:
-    ws = words(text)
+def _unseen_share(ws: list[str], vocab: Counter) -> float:
     return sum(w not in vocab for w in ws) / len(ws) if ws else np.nan
 
 
-def _frequent_words(spec, texts: list[str], ref_texts: list[str], vocab: Counter, rng, q: float) -> SignalResult:
-    from scipy.spatial.distance import jensenshannon
-
+def _frequent_words(spec, texts: list[list[str]], ref_texts: list[list[str]], vocab: Counter, rng,
+                    q: float) -> SignalResult:
+    """``texts``, ``ref_texts``: each request's words."""
     if len(texts) < spec.min_window:
         return _judge("frequent_words", None, spec, len(texts))
     index = {w: i for i, (w, _) in enumerate(vocab.most_common(TOP_WORDS))}
     other = len(index)
 
-    def counts(text: str) -> np.ndarray:
+    def counts(ws: list[str]) -> np.ndarray:
         row = np.zeros(other + 1, dtype=np.float32)
-        for w in words(text):
+        for w in ws:
             row[index.get(w, other)] += 1
         return row
 
-    ref_rows = np.stack([counts(t) for t in ref_texts])
-    total = ref_rows.sum(axis=0)
-    cur = np.stack([counts(t) for t in texts]).sum(axis=0)
-
-    def js(window_counts: np.ndarray) -> float:
-        return float(jensenshannon(total / total.sum(), window_counts / max(window_counts.sum(), 1), base=2))
-
-    value = js(cur)
+    ref_rows = np.stack([counts(ws) for ws in ref_texts])
+    value = _js(ref_rows.sum(axis=0), np.stack([counts(ws) for ws in texts]).sum(axis=0))
     halves = np.array_split(rng.permutation(len(ref_rows)), 2)  # as in _chance: half against the other half
     base, pool = ref_rows[halves[0]].sum(axis=0), ref_rows[halves[1]]
-    draws = [float(jensenshannon(base / base.sum(), (w := np.bincount(rng.integers(0, len(pool), len(texts)),
-                                                                     minlength=len(pool)) @ pool) / max(w.sum(), 1),
-                                 base=2)) for _ in range(CHANCE_DRAWS)]
-    docs = Counter(w for t in texts for w in {w for w in words(t) if w not in vocab})
+    draws = [_js(base, np.bincount(rng.integers(0, len(pool), len(texts)), minlength=len(pool)) @ pool)
+             for _ in range(CHANCE_DRAWS)]
+    docs = Counter(w for ws in texts for w in set(ws) if w not in vocab)
     common = max(3, int(0.02 * len(texts)))  # in at least 2% of the window's requests
     new = [f"{w} ({c})" for w, c in docs.most_common(10) if c >= common]
     return _judge("frequent_words", value, spec, len(texts), f"new frequent words: {', '.join(new)}" if new else "",
                   chance=float(np.quantile(draws, q)))
+
+
+def _js(reference_counts: np.ndarray, window_counts: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2) of two word-count vectors."""
+    from scipy.spatial.distance import jensenshannon
+
+    return float(jensenshannon(reference_counts / reference_counts.sum(),
+                               window_counts / max(window_counts.sum(), 1), base=2))
 
 
 def _embeddings(spec, texts: list[str], ref_texts: list[str], embed, rng, q: float) -> SignalResult:
