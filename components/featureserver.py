@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import httpx
 
+from components import background
 from components.featurestore import (ARTICLE_KEY, FeatureStoreUnavailable, LocalOnline, apply_here, feast_state,
                                      open_store)
 
@@ -132,27 +132,9 @@ def record_path(state_dir: Path, pipeline: str) -> Path:
     return feast_state(state_dir, pipeline) / RECORD
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running(state_dir: Path, pipeline: str) -> dict | None:
     """The recorded server if its process is alive (a stale record is removed)."""
-    path = record_path(state_dir, pipeline)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not _alive(int(record.get("pid", -1))):
-        path.unlink(missing_ok=True)
-        return None
-    return record
+    return background.read_record(record_path(state_dir, pipeline))
 
 
 def _free_port(host: str) -> int:
@@ -218,22 +200,7 @@ def _why_not(log: Path, state: Path, timeout_s: float, code: int | None) -> str:
 
 def stop(state_dir: Path, pipeline: str, timeout_s: float = 30.0) -> dict | None:
     """Stop the recorded server (SIGTERM, then SIGKILL); returns its record, None if none ran."""
-    record = running(state_dir, pipeline)
-    if record is None:
-        return None
-    pid = int(record["pid"])
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it when this process started it
-        time.sleep(0.1)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    record_path(state_dir, pipeline).unlink(missing_ok=True)
-    return record
+    return background.stop_recorded(record_path(state_dir, pipeline), timeout_s)
 
 
 def serve(repo: Path, state_dir: Path, pipeline: str, host: str, port: int) -> None:
