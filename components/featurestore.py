@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import warnings
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -219,6 +219,17 @@ def open_online(repo: Path, state_dir: Path, pipeline: str, store=None) -> Onlin
     if remote is not None:
         return remote
     return LocalOnline(store if store is not None else open_store(repo, state_dir, pipeline))
+
+
+def materialize_until_now(repo: Path, state_dir: Path, pipeline: str) -> str:
+    """Load the feature values added since the last materialization (up to now) into the
+    online store, wherever it is reached from; returns where."""
+    online = open_online(repo, state_dir, pipeline)
+    try:
+        online.materialize(None, datetime.now(timezone.utc))
+    finally:
+        online.close()
+    return online.where
 
 
 # ---------------------------------------------------------------- embeddings and retrieval

@@ -4,8 +4,6 @@ with its signal table as a Markdown artifact and each alert as a Prefect event
 model as its resource) that an automation can act on, e.g. start a retraining run."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
@@ -13,7 +11,7 @@ from prefect.events import emit_event
 from components.base import markdown_table
 from flows.pipeline import artifact_key
 from llmops.monitoring import monitor_once
-from llmops.spec import load_spec
+from llmops.runner import flow_setup
 
 
 @flow(name="llmops-monitor", flow_run_name="monitor-{pipeline}")
@@ -21,9 +19,8 @@ def monitor_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None,
                  overrides: list[str] | None = None) -> dict:
     """Monitor the served version's traffic once; returns {"summary", "alerts"}."""
     logger = get_run_logger()
-    spec = load_spec(spec_file, list(overrides or []), pipeline)
-    name, _ = spec.pipeline(pipeline)
-    summary, outcome = monitor_once(spec, Path(spec_file).resolve().parent, name, model, say=logger.info)
+    spec, name, root = flow_setup(spec_file, list(overrides or []), pipeline)
+    summary, outcome = monitor_once(spec, root, name, model, say=logger.info)
     rows = [{"signal": s["name"], "value": s["value"], "threshold": s["threshold"], "requests": s["n"],
              "drift": s["status"], "detail": s["detail"]} for s in summary["signals"]]
     create_markdown_artifact(

@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.base import StageError
 from components.catalog import ModelError
-from llmops.runner import end_pipeline_run, execute_stage_isolated, select_stages, start_pipeline_run
+from llmops.runner import end_pipeline_run, execute_stage_isolated, flow_setup, select_stages, start_pipeline_run
 from llmops.spec import SpecError, load_spec
 
 EXPECTED_ERRORS = (StageError, ModelError, SpecError)
@@ -49,12 +49,22 @@ def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str,
     logger = get_run_logger()
     logger.info("stage %s: started", stage)
     started = time.perf_counter()
-    result = execute_stage_isolated(spec_file, overrides, pipeline, stage, parent_run_id=mlflow_run_id)
+    spec = load_spec(spec_file, overrides, pipeline)
+    if stage in spec.pipelines[pipeline].deployments.stage_pools:
+        from flows.remote import run_remote
+        from prefect.runtime import flow_run
+
+        done = run_remote(spec, Path(spec_file).resolve().parent, spec_file, overrides, pipeline, stage,
+                          mlflow_run_id, str(flow_run.id))
+        summary, produced = done["summary"], done["outputs"]
+    else:
+        result = execute_stage_isolated(spec_file, overrides, pipeline, stage, parent_run_id=mlflow_run_id)
+        summary, produced = result.summary, result.outputs
     seconds = round(time.perf_counter() - started, 1)
-    outputs = {name: str(path) for name, path in result.outputs.items()}
+    outputs = {name: str(path) for name, path in produced.items()}
     listing = "\n".join(f"- `{name}`: `{path}`" for name, path in outputs.items())
     create_markdown_artifact(key=artifact_key(pipeline, stage),
-                             markdown=f"{result.summary}\n\n**Outputs**\n{listing}\n",
+                             markdown=f"{summary}\n\n**Outputs**\n{listing}\n",
                              description=f"{pipeline}: {stage}")
     logger.info("stage %s: done in %.1f s", stage, seconds)
     return {"outputs": outputs, "seconds": seconds}
@@ -62,21 +72,30 @@ def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str,
 
 @flow(name="llmops-pipeline", flow_run_name="{pipeline}")
 def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None, start: str | None = None,
-                  until: str | None = None, overrides: list[str] | None = None) -> dict[str, dict]:
+                  until: str | None = None, overrides: list[str] | None = None,
+                  trigger: dict[str, str] | None = None) -> dict[str, dict]:
     """Run ``pipeline`` (default: the spec's default) from ``start`` to ``until``, as one
     MLflow run with a nested run per stage; returns stage -> {"outputs": name -> path,
-    "seconds": wall time}."""
+    "seconds": wall time}. ``trigger``: what started the run (a drift alert's event id,
+    model, window and signals when an automation did), kept as the run's MLflow tags."""
     import mlflow
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
 
     overrides = list(overrides or [])
-    spec = load_spec(spec_file, overrides, pipeline)
-    name, pipe = spec.pipeline(pipeline)
+    spec, name, root = flow_setup(spec_file, overrides, pipeline)
+    pipe = spec.pipelines[name]
     stages = select_stages(pipe.stages, start, until)
-    run_id = start_pipeline_run(spec, Path(spec_file).resolve().parent, name, source="prefect")
+    run_id = start_pipeline_run(spec, root, name, source="prefect")
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.id))
+    if deployment.id:  # None when run outside a deployment (llmops run)
+        client.set_tag(run_id, "prefect.deployment", f"{deployment.name} ({deployment.id})")
     client.set_tag(run_id, "llmops.stages", ",".join(stages))
+    for key, value in (trigger or {}).items():
+        client.set_tag(run_id, f"llmops.trigger.{key}", str(value)[:5000])
+    if trigger:
+        get_run_logger().info("started by %s %s (%s): %s", trigger.get("event"), trigger.get("event_id"),
+                              trigger.get("model"), trigger.get("signals"))
     get_run_logger().info("MLflow run %s (experiment %r, %s)", run_id, name, mlflow.get_tracking_uri())
     outputs: dict[str, dict] = {}
     ok = False

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from components.base import StageError
 from components.catalog import ModelError
-from llmops import cli_data, cli_models, cli_monitor, cli_serve  # noqa: F401 - they register their commands on the apps
+from llmops import cli_data, cli_deploy, cli_models, cli_monitor, cli_serve, cli_stack  # noqa: F401 - they register their commands on the apps
 from llmops.cli_common import (DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _check_services, _fail, _load, _root, app,
                                config_app, console, out, task_app)
 from llmops.spec import SpecError

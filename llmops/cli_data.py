@@ -92,21 +92,16 @@ def features_embed(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = 
 @features_app.command("materialize")
 def features_materialize(file: SpecFile = Path(DEFAULT_SPEC), pipeline: PipelineOpt = None) -> None:
     """Load new feature values into the online store (incremental: since the last run)."""
-    from datetime import datetime, timezone
-
     from components import featurestore
 
     spec, name, _, repo, _ = _feast(file, pipeline)
-    state = spec.state_dir(_root(file))
     started = time.perf_counter()
     try:
-        online = featurestore.open_online(repo, state, name, featurestore.open_store(repo, state, name))
-        with console.status(f"materializing {online.where} ..."):
-            online.materialize(None, datetime.now(timezone.utc))
-        online.close()
+        with console.status("materializing ..."):
+            where = featurestore.materialize_until_now(repo, spec.state_dir(_root(file)), name)
     except StageError as exc:
         _fail(str(exc), code=1)
-    out.print(f"materialized up to now ({online.where}) in {time.perf_counter() - started:.1f} s")
+    out.print(f"materialized up to now ({where}) in {time.perf_counter() - started:.1f} s")
 
 
 @features_app.command("serve")

@@ -56,10 +56,26 @@ def configure_environment(spec: Spec, root: Path) -> None:
     # The spec decides (its defaults read the environment: ${PREFECT_API_URL:-}, ...).
     if spec.services.prefect.api_url:
         os.environ["PREFECT_API_URL"] = spec.services.prefect.api_url
+    elif not os.environ.get("PREFECT_API_URL"):
+        from llmops.stack import running_prefect
+
+        if api := running_prefect(state):  # `llmops up` runs one for this state folder: use it
+            os.environ["PREFECT_API_URL"] = api
     os.environ["MLFLOW_TRACKING_URI"] = (spec.services.mlflow.tracking_uri
                                          or f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
     if spec.services.feast.url:  # components/featureserver.py reads it in every process of the run
         os.environ["LLMOPS_FEATURE_SERVER"] = spec.services.feast.url
+
+
+def flow_setup(spec_file: str, overrides: list[str], pipeline: str | None) -> tuple[Spec, str, Path]:
+    """What a flow does first, whoever started it (the CLI, or a worker running a
+    deployment): load the spec, point MLflow and the tools at the state folder. Returns
+    (spec, pipeline name, project root)."""
+    spec = load_spec(spec_file, overrides, pipeline)
+    name, _ = spec.pipeline(pipeline)
+    root = Path(spec_file).resolve().parent
+    configure_environment(spec, root)
+    return spec, name, root
 
 
 def stage_dir(spec: Spec, root: Path, pipeline: str, stage: str) -> Path:

@@ -22,6 +22,7 @@ from components.finetune import FinetuneSpec
 from components.gates import GatesSpec
 from components.ingest import IngestSpec
 from components.monitor.settings import MonitorSpec
+from flows.settings import DeploymentsSpec
 from components.prepare import PrepareSpec
 from components.promote import PromoteSpec
 from components.register import RegisterSpec
@@ -84,6 +85,7 @@ class PipelineSpec(StrictModel):
     promote: PromoteSpec = PromoteSpec()
     serve: ServeSpec = ServeSpec()  # the endpoint (llmops serve); not a stage
     monitor: MonitorSpec = MonitorSpec()  # drift monitoring of the endpoint's traffic (llmops monitor)
+    deployments: DeploymentsSpec = DeploymentsSpec()  # scheduled Prefect deployments (llmops deployments)
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
 

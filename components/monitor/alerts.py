@@ -63,6 +63,8 @@ def message(summary: dict, signals: list[dict], kind: str) -> dict:
 
 
 def text(alert: dict) -> str:
+    if "text" in alert:  # a notice that is not a drift alert (e.g. a retrain scheduled) says it all itself
+        return alert["text"]
     head = {"detected": "Drift detected", "recovered": "Drift recovered"}[alert["event"].rsplit(".", 1)[1]]
     w = alert["window"]
     lines = [f"{head} for {alert['model']} (window: {w['requests']} requests, {w['first']} .. {w['last']})"]
@@ -135,9 +137,12 @@ def _send(channel, alert: dict, timeout_s: float, default_file: Path) -> None:
 def _email(channel: EmailChannel, alert: dict, timeout_s: float) -> None:
     host, _, port = os.environ[channel.host_env].partition(":")
     msg = EmailMessage()
-    w = alert["window"]
-    names = ", ".join(s["name"] for s in alert["signals"])
-    msg["Subject"] = f"[llmops] {alert['model']}: drift {alert['event'].rsplit('.', 1)[1]} ({names}; {w['requests']} requests)"
+    if "subject" in alert:
+        msg["Subject"] = f"[llmops] {alert['subject']}"
+    else:
+        names = ", ".join(s["name"] for s in alert["signals"])
+        msg["Subject"] = (f"[llmops] {alert['model']}: drift {alert['event'].rsplit('.', 1)[1]} "
+                          f"({names}; {alert['window']['requests']} requests)")
     msg["From"] = channel.sender
     msg["To"] = os.environ[channel.to_env]
     msg.set_content(text(alert))

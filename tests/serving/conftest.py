@@ -107,26 +107,33 @@ class LiveServer:
             time.sleep(0.1)
 
 
+def live_app(version, spec=None, keys: dict | None = None, start: bool = True, log=None, triage=None):
+    """(LiveServer, engine) for ``version`` with an engine of its own (started unless ``start``
+    is false; the caller stops it)."""
+    from serving.app import create_app
+    from serving.engine import Engine
+    from serving.settings import ServeSpec
+
+    spec = spec or ServeSpec()
+    b = spec.batching
+    engine = Engine(version.tokenizer, version.model, b.max_batch_size, b.max_wait_ms, b.max_queue)
+    if start:
+        engine.start()
+    return LiveServer(create_app(version, engine, spec, keys, log, triage)), engine
+
+
 @pytest.fixture
 def serve_app(served):
     """Start an app with an engine of its own: ``serve_app(spec=..., keys=..., log=...)``
     returns a LiveServer (context manager); ``version=`` serves another ServedModel than the
     champion fixture (its ``model`` runs in the engine). Engines stop at teardown."""
-    from serving.app import create_app
-    from serving.engine import Engine
-    from serving.settings import ServeSpec
-
     engines = []
 
-    def make(spec: ServeSpec | None = None, keys: dict | None = None, start: bool = True, log=None, version=None,
-             triage=None):
-        spec, version = spec or ServeSpec(), version or served
-        b = spec.batching
-        engine = Engine(version.tokenizer, version.model, b.max_batch_size, b.max_wait_ms, b.max_queue)
+    def make(spec=None, keys: dict | None = None, start: bool = True, log=None, version=None, triage=None):
+        server, engine = live_app(version or served, spec, keys, start, log, triage)
         if start:
-            engine.start()
             engines.append(engine)
-        return LiveServer(create_app(version, engine, spec, keys, log, triage))
+        return server
 
     yield make
     for engine in engines:
@@ -165,3 +172,72 @@ def triage(feature_project, served):
                         feature_project["state"], PIPELINE, dict(spec.models), start_server=False)
     assert found.problem is None, found.problem
     return found
+
+
+DRIFT = "drift-triage"
+
+
+@pytest.fixture(scope="session")
+def served_drift(tiny_run, feature_project, tmp_path_factory):
+    """The tiny model registered as drift-triage/1 (champion) on the feature project's own
+    prepared splits, in the project's MLflow store, loaded as `llmops serve` loads it."""
+    from components import registry
+    from components.base import StageIO
+    from components.evaluate import EvaluateSpec
+    from components.evaluate import run as evaluate
+    from serving.model import ModelRef, load_version
+
+    state, root, prepare = feature_project["state"], tmp_path_factory.mktemp("drift"), feature_project["prepare"]
+    (root / "evaluate").mkdir()
+    evaluated = evaluate(EvaluateSpec(batch_size=3, max_new_tokens=8, latency_requests=1, max_examples=3), StageIO(
+        pipeline="t", out_dir=root / "evaluate", state_dir=tiny_run["root"] / "state",
+        inputs={"prepare": prepare, "finetune": tiny_run["root"] / "finetune"},
+        sections={"finetune": tiny_run["finetune"]}))
+    evaluated.report.write(root / "evaluate")
+    (state / "mlflow").mkdir(exist_ok=True)
+    with sqlite_registry(state / "mlflow", experiment="support-triage"):
+        register_run(tiny_run, root / "register", DRIFT, inputs={"prepare": prepare, "evaluate": root / "evaluate"})
+        registry.promote(registry.client(), DRIFT, 1, "the drift monitoring test's champion")
+        return load_version(ModelRef.parse(f"{DRIFT}@champion"), {}, state)
+
+
+def _written(log, n: int, timeout_s: float = 30) -> None:
+    """Wait until the log's writer has put ``n`` records on disk (it writes in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while log.written < n:
+        assert time.monotonic() < deadline, f"the request log wrote {log.written} of {n} records"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def drift_traffic(served_drift, triage, feature_project, tmp_path_factory):
+    """Real HTTP traffic to drift-triage through /v1/triage, logged as `llmops serve` logs it:
+    ``ordinary`` holds the held-out tickets of the feature project's data, ``shifted`` the
+    same followed by as many Spanish tickets (the generator's language shift); ``n`` each."""
+    import shutil
+
+    from components import generate
+    from components.splits import read_examples
+    from serving.records import RequestLog
+    from tests.serving.test_triage import ticket
+
+    data, root = feature_project["data"], tmp_path_factory.mktemp("traffic")
+    held_out = [e["ticket_id"] for split in ("validation", "test")
+                for e in read_examples(feature_project["prepare"] / f"{split}.jsonl")]
+    spanish = generate.generate(n_tickets=len(held_out), n_customers=60, seed=3, shift="language")
+    for folder, tickets in (("ordinary", [ticket(data, t) for t in held_out]),
+                            ("shifted", [ticket(spanish, t) for t in spanish.tickets.ticket_id])):
+        if folder == "shifted":
+            shutil.copytree(root / "ordinary", root / "shifted")
+        log = RequestLog(root / folder)
+        server, engine = live_app(served_drift, log=log, triage=triage)
+        try:
+            with server:
+                for body in tickets:
+                    r = httpx.post(f"{server.url}/v1/triage", json=body, timeout=120)
+                    assert r.status_code == 200, r.text
+                _written(log, len(tickets))
+        finally:
+            engine.stop()
+            log.close()
+    return {"ordinary": root / "ordinary", "shifted": root / "shifted", "n": len(held_out)}

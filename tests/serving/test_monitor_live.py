@@ -6,63 +6,19 @@ cooldown, with a Prefect event."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
-import pytest
 
-from components import generate
-from components.splits import read_examples
-from serving.records import RequestLog
-from tests.conftest import register_run, run_cli, sqlite_registry
-from tests.serving.test_triage import ticket
+from tests.conftest import run_cli, sqlite_registry
+from tests.serving.conftest import DRIFT
 
-DRIFT = "drift-triage"
 # Small windows (tens of requests): judge on 20; the tiny random model's labels mean nothing,
 # so the label signal is off here (it is tested on generated answers in test_monitor.py).
 SETTINGS = ["--set", "monitor.signals.answer_labels.enabled=false",
             *[x for s in ("prompt_tokens", "unseen_words", "frequent_words", "embeddings")
               for x in ("--set", f"monitor.signals.{s}.min_window=20")],
             "--set", "monitor.alerts.cooldown_minutes=60", "--set", "monitor.alerts.retries=0"]
-
-
-@pytest.fixture(scope="module")
-def served_drift(tiny_run, feature_project, tmp_path_factory):
-    """The tiny model registered as drift-triage/1 (champion) on the feature project's own
-    prepared splits, in the project's MLflow store, loaded as `llmops serve` loads it."""
-    from components import registry
-    from components.base import StageIO
-    from components.evaluate import EvaluateSpec
-    from components.evaluate import run as evaluate
-    from serving.model import ModelRef, load_version
-
-    state, root, prepare = feature_project["state"], tmp_path_factory.mktemp("drift"), feature_project["prepare"]
-    (root / "evaluate").mkdir()
-    evaluated = evaluate(EvaluateSpec(batch_size=3, max_new_tokens=8, latency_requests=1, max_examples=3), StageIO(
-        pipeline="t", out_dir=root / "evaluate", state_dir=tiny_run["root"] / "state",
-        inputs={"prepare": prepare, "finetune": tiny_run["root"] / "finetune"},
-        sections={"finetune": tiny_run["finetune"]}))
-    evaluated.report.write(root / "evaluate")
-    (state / "mlflow").mkdir(exist_ok=True)
-    with sqlite_registry(state / "mlflow", experiment="support-triage"):
-        register_run(tiny_run, root / "register", DRIFT, inputs={"prepare": prepare, "evaluate": root / "evaluate"})
-        registry.promote(registry.client(), DRIFT, 1, "the drift monitoring test's champion")
-        return load_version(ModelRef.parse(f"{DRIFT}@champion"), {}, state)
-
-
-def send(server, tickets: list[dict]) -> None:
-    for body in tickets:
-        r = httpx.post(f"{server.url}/v1/triage", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-
-
-def written(log: RequestLog, n: int, timeout_s: float = 30) -> None:
-    """Wait until the log's writer has put ``n`` records on disk (it writes in the background)."""
-    deadline = time.monotonic() + timeout_s
-    while log.written < n:
-        assert time.monotonic() < deadline, f"the request log wrote {log.written} of {n} records"
-        time.sleep(0.1)
 
 
 def monitor(project: Path, log: Path, prefect_server: str, env: dict, *args: str):
@@ -82,32 +38,20 @@ def monitor_here(project: Path, log: Path, last: int) -> tuple[dict, dict]:
         return monitor_once(spec, project, "support-triage", f"{DRIFT}@champion", say=lambda line: None)
 
 
-def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, triage, served_drift, feature_project,
-                                                                  prefect_server, webhook, smtp, tmp_path,
-                                                                  monkeypatch):
+def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(drift_traffic, feature_project, prefect_server,
+                                                                  webhook, smtp, monkeypatch):
     url, received = webhook
     host, inbox = smtp
     env = {"LLMOPS_ALERT_WEBHOOK_URL": f"{url}/drift", "LLMOPS_SMTP_HOST": host,
            "LLMOPS_ALERT_EMAIL_TO": "oncall@example.test"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    project, data = feature_project["project"], feature_project["data"]
-    held_out = [e["ticket_id"] for split in ("validation", "test")
-                for e in read_examples(feature_project["prepare"] / f"{split}.jsonl")]
-    spanish = generate.generate(n_tickets=len(held_out), n_customers=60, seed=3, shift="language")
-    log_dir = tmp_path / "requests"
-    log = RequestLog(log_dir)
-    with serve_app(log=log, triage=triage, version=served_drift) as server:
-        send(server, [ticket(data, t) for t in held_out])
-        written(log, len(held_out))
-        summary, outcome = monitor_here(project, log_dir, len(held_out))
-        assert summary["window"]["requests"] == len(held_out) and summary["reference"]["found_at"] == "registry run"
-        assert summary["drifted"] == [] and outcome["alerts"] == [] and received == [] and inbox == [], summary
-        send(server, [ticket(spanish, t) for t in spanish.tickets.ticket_id])
-        written(log, 2 * len(held_out))
-    log.close()
+    project, n, log_dir = feature_project["project"], drift_traffic["n"], drift_traffic["shifted"]
+    summary, outcome = monitor_here(project, drift_traffic["ordinary"], n)
+    assert summary["window"]["requests"] == n and summary["reference"]["found_at"] == "registry run"
+    assert summary["drifted"] == [] and outcome["alerts"] == [] and received == [] and inbox == [], summary
 
-    shifted = monitor(project, log_dir, prefect_server, env, "--last", str(len(held_out)), "--fail-on-drift")
+    shifted = monitor(project, log_dir, prefect_server, env, "--last", str(n), "--fail-on-drift")
     assert shifted.returncode == 3, shifted.stdout + shifted.stderr  # drift, with --fail-on-drift
     rows = {line.split("│")[1].strip(): line for line in shifted.stdout.splitlines() if line.count("│") > 5}
     assert "yes" in rows["unseen_words"] and "yes" in rows["frequent_words"], shifted.stdout
@@ -117,7 +61,7 @@ def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, tria
     assert path == "/drift" and alert["event"] == "llmops.drift.detected" and alert["model"] == f"{DRIFT}/1"
     drifted = {s["name"]: s for s in alert["signals"]}
     assert drifted["unseen_words"]["value"] > drifted["unseen_words"]["threshold"]
-    assert alert["window"]["requests"] == len(held_out) and Path(alert["report"]).stat().st_size > 10_000
+    assert alert["window"]["requests"] == n and Path(alert["report"]).stat().st_size > 10_000
     assert len(inbox) == 1 and f"{DRIFT}/1: drift detected" in inbox[0]["Subject"]
     assert "unseen_words" in inbox[0].get_payload()
 
@@ -126,7 +70,7 @@ def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(serve_app, tria
     assert event["event"] == "llmops.drift.detected" and event["resource"]["prefect.resource.id"] == f"llmops.model.{DRIFT}"
     assert {s["name"] for s in event["payload"]["signals"]} == set(drifted)
 
-    summary, outcome = monitor_here(project, log_dir, len(held_out))  # inside the cooldown
+    summary, outcome = monitor_here(project, log_dir, n)  # inside the cooldown
     assert set(summary["drifted"]) == set(drifted) and outcome["alerts"] == []
     assert outcome["suppressed"] == summary["drifted"] and len(received) == 1 and len(inbox) == 1
     history = [json.loads(line) for line in (feature_project["state"] / "monitor" / "support-triage" /
