@@ -22,7 +22,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup models run test repro bench lock clean reset help
+.PHONY: setup models run test up down repro bench lock clean reset help
 
 help:
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 10
@@ -45,6 +45,12 @@ run: setup ## set up, then run the default pipeline end to end
 
 test: setup ## set up, then run the test suite
 	@$(BIN)/python -m pytest
+
+up: setup ## start the local stack: Prefect server + deployments + worker, MLflow UI, endpoint
+	@$(BIN)/llmops up
+
+down: ## stop what `make up` started
+	@test -x $(BIN)/llmops && $(BIN)/llmops down || echo "nothing to stop (no environment yet)"
 
 repro: setup ## run the same stages with DVC (skips unchanged ones)
 	@$(BIN)/dvc repro
