@@ -62,7 +62,8 @@ class StageIO:
     ``sections`` holds other spec sections the stage declared it reads (e.g. validate
     reads prepare's split rule); ``models`` is the spec's model catalog;
     ``feature_repo`` is the Feast repository folder; ``context`` says which run this is
-    (git commit, spec hash, MLflow run ids) for stages that record provenance.
+    (git commit, spec hash, MLflow run ids) for stages that record provenance; ``root`` is
+    the spec's folder.
     """
 
     pipeline: str
@@ -74,6 +75,7 @@ class StageIO:
     models: dict[str, Any] = field(default_factory=dict)
     feature_repo: Path = Path("feature_repo")
     context: dict[str, Any] = field(default_factory=dict)
+    root: Path = Path(".")  # the spec's folder: relative data paths in the spec are relative to it
 
 
 @dataclass

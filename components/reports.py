@@ -13,10 +13,21 @@ from pydantic import Field
 from components.base import Report
 
 
+class IngestOrigin(Report):
+    """One ``ingest.extra`` folder: what it added and which version of it."""
+    uri: str
+    rows: dict[str, int]  # table -> rows added
+    sha256: dict[str, str]  # table -> its file's SHA-256
+    dvc_md5: str | None = None  # the folder's hash in the .dvc file beside it (DVC-versioned data)
+    models: dict[str, int] = {}  # labelled traffic: rows per model version that answered (origin.parquet)
+
+
 class IngestReport(Report):
     source: str
     rows: dict[str, int]  # table -> rows
     tickets_sha256: str
+    tickets_by_origin: dict[str, int] = {}  # "source" or an ingest.extra entry -> tickets
+    extra: list[IngestOrigin] = []
 
 
 class ValidationReport(Report):

@@ -1,8 +1,10 @@
 """The `llmops` command line: run pipelines, single stages, and the tools around them.
 
-Commands live in four modules: this one (run, stage, config, task), cli_models.py (the
-model catalog, the registry: list, audit, promote, rollback) and cli_data.py (demo data,
-Feast, dvc.yaml) and cli_serve.py (serve); cli_common.py holds what they share.
+Commands live in these modules: this one (run, stage, config, task), cli_models.py (the
+model catalog, the registry: list, audit, promote, rollback), cli_data.py (demo data,
+Feast, dvc.yaml), cli_traffic.py (data from-traffic: labelled traffic as training data),
+cli_serve.py (serve), cli_monitor.py (monitor), cli_deploy.py (deployments) and
+cli_stack.py (up, down); cli_common.py holds what they share.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from rich.table import Table
 
 from components.base import StageError
 from components.catalog import ModelError
-from llmops import cli_data, cli_deploy, cli_models, cli_monitor, cli_serve, cli_stack  # noqa: F401 - they register their commands on the apps
+from llmops import (cli_data, cli_deploy, cli_models, cli_monitor, cli_serve, cli_stack,  # noqa: F401 - they
+                    cli_traffic)  # register their commands on the apps
 from llmops.cli_common import (DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _check_services, _fail, _load, _root, app,
                                config_app, console, out, task_app)
 from llmops.spec import SpecError

@@ -18,7 +18,8 @@ app = typer.Typer(help="Declarative LLMOps: one spec (pipelines.yaml) from raw d
 config_app = typer.Typer(help="Check, show and describe pipelines.yaml.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered model versions (list, audit) and the spec's `models` catalog "
                               "(pull, catalog).", no_args_is_help=True)
-data_app = typer.Typer(help="Demo data: generate support tickets, customers and articles.", no_args_is_help=True)
+data_app = typer.Typer(help="Data: generate demo tickets, customers and articles; turn labelled traffic into tables.",
+                        no_args_is_help=True)
 dvc_app = typer.Typer(help="Keep dvc.yaml in step with pipelines.yaml.", no_args_is_help=True)
 features_app = typer.Typer(help="Feast: register definitions, embed articles, load the online store.",
                            no_args_is_help=True)

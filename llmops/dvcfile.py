@@ -125,6 +125,7 @@ def build(spec: Spec, spec_file: str = "pipelines.yaml", pipeline: str | None = 
         deps = stage_code(stage)
         deps += [str(artifacts / need / f) for need in definition.inputs(pipe.stages)
                  for f in sorted(definition.input_files[need])]
+        deps += definition.data_deps(pipe.section(stage)) if definition.data_deps else []
         stages[stage] = {
             "cmd": cmd,
             "deps": deps,

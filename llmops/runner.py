@@ -183,7 +183,7 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str,
         io = StageIO(pipeline=pipeline, out_dir=partial, inputs=inputs, state_dir=spec.state_dir(root),
                      s3_endpoint_url=spec.services.storage.s3_endpoint_url,
                      sections={name: pipe.section(name) for name in read_sections}, models=dict(spec.models),
-                     feature_repo=(root / spec.services.feast.repo).resolve(),
+                     feature_repo=(root / spec.services.feast.repo).resolve(), root=root,
                      context={"git_commit": run.data.tags["llmops.git_commit"],
                               "spec_sha256": run.data.tags["llmops.spec_sha256"], "mlflow_run_id": run.info.run_id,
                               "mlflow_parent_run_id": parent_run_id})

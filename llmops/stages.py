@@ -6,7 +6,7 @@ Adding a stage = one component module + its section in PipelineSpec (llmops/spec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from components import (compress, evaluate, features, finetune, gates, ingest, prepare, promote, register,
                         validate)
@@ -34,6 +34,8 @@ class Stage:
     metrics: tuple[str, ...] = ()  # report files in its folder that DVC shows as metrics
     plots: tuple[dict, ...] = ()  # {file in its folder: DVC plot properties (x, y, template)}
     optional: tuple[str, ...] = ()  # stages it also reads when the pipeline has them (e.g. compress)
+    # the data files or folders its section names (e.g. ingest.extra): DVC deps, so new data reruns it
+    data_deps: Callable[[Any], list[str]] | None = None
 
     def inputs(self, stages: list[str]) -> tuple[str, ...]:
         """The stages whose folders this one reads in a pipeline made of ``stages``."""
@@ -46,7 +48,8 @@ FEAST_REPO = ("feature_repo/definitions.py", "feature_repo/feature_store.yaml")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", ingest.run, (), ingest.OUTPUTS,
-          "bring raw tickets, customers, profiles and articles into the run folder"),
+          "bring raw tickets, customers, profiles and articles into the run folder",
+          data_deps=ingest.IngestSpec.local_extra),
     Stage("validate", validate.run, ("ingest",), validate.OUTPUTS,
           "Great Expectations checks; stop or quarantine before training",
           input_files={"ingest": ingest.OUTPUTS},

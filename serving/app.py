@@ -3,6 +3,8 @@ readiness and metrics.
 
     POST /v1/chat/completions   OpenAI's request and response (and its SSE chunks with stream)
     POST /v1/completions        OpenAI's legacy completions: a text prompt (serving/completions.py)
+    POST /v1/feedback           a person's corrected answer for an answered request, stored beside
+                                the request log (serving/feedback.py)
     GET  /v1/models             the version served, as ``name/version``
     GET  /health                200 while the process runs
     GET  /ready                 200 once a golden prompt produced a valid answer; 503 (with
@@ -228,8 +230,10 @@ def create_app(served: ServedModel, engine: BaseEngine, spec: ServeSpec, keys: d
         return response
 
     from serving.completions import add_route as add_completions
+    from serving.feedback import add_route as add_feedback
 
     add_completions(app, shared)
+    add_feedback(app, shared)
     if triage is not None:
         from serving.triage import add_route
 

@@ -13,7 +13,9 @@ dropped and counted (``dropped``, and the endpoint's metrics), never silently. W
 ``s3://`` target the same thread also ships the files there (S3Shipper): a file once it is
 finished (the hour or size rolled over, or the log closed) and the current one every
 ``upload_every_s`` while it grows; a failed upload is logged and counted, and the file is
-tried again with the next upload (the local file stays).
+tried again with the next upload (the local file stays). Files written beside the log by
+others (the feedback records, serving/feedback.py) are handed to it with ``ship_later``
+and go with the same uploads.
 """
 from __future__ import annotations
 
@@ -108,6 +110,8 @@ class RequestLog:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._current: Path | None = None  # the file written last
         self._unshipped: set[Path] = set()  # files holding records S3 does not have yet
+        self._handed: set[Path] = set()  # files other writers changed (ship_later), taken by the writer thread
+        self._handed_lock = threading.Lock()
         self._shipped_at = time.monotonic()
         self._part = 0
         self._hour = ""
@@ -122,6 +126,12 @@ class RequestLog:
         except queue.Full:
             self.dropped += 1
             return False
+
+    def ship_later(self, path: Path) -> None:
+        """Ship ``path`` (a file beside the log, e.g. feedback) with the log's next upload."""
+        if self.shipper is not None:
+            with self._handed_lock:
+                self._handed.add(path)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
@@ -184,7 +194,12 @@ class RequestLog:
     def _ship(self, force: bool = False) -> None:
         """Upload every file with records S3 lacks (at most every ``upload_every_s`` unless
         ``force``); one that fails stays for the next time."""
-        if self.shipper is None or not self._unshipped:
+        if self.shipper is None:
+            return
+        with self._handed_lock:
+            self._unshipped |= self._handed
+            self._handed.clear()
+        if not self._unshipped:
             return
         if force or time.monotonic() - self._shipped_at >= self.shipper.every_s:
             self._unshipped = {path for path in sorted(self._unshipped) if not self.shipper.ship(path)}

@@ -59,6 +59,8 @@ class Metrics:
                                                                "error)", registry=r)
         self.log_uploads = Gauge("llmops_request_log_uploads", "Request log uploads to S3 by result", ["result"],
                                  registry=r)
+        self.feedback = Counter("llmops_feedback_records", "Feedback records: stored, or refused (invalid_answer, "
+                                                           "not_stored)", ["result"], registry=r)
 
 
 def prompt_text(messages: list[dict], tokenizer) -> str:

@@ -160,7 +160,8 @@ def add_route(app: FastAPI, shared, triage: Triage) -> None:
         started, request_id = time.perf_counter(), f"triage-{uuid.uuid4().hex}"
         record: dict[str, Any] = {"request_id": request_id, "route": "/v1/triage",
                                   "key_id": getattr(request.state, "key_id", None), "model": served.id,
-                                  "variant": served.variant}
+                                  "variant": served.variant,
+                                  "features_as_of": body.time.isoformat() if body.time else None}
 
         def logged(status: int, error: str | None = None, **values) -> None:
             if log is not None:

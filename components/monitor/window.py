@@ -1,10 +1,13 @@
 """A window of the endpoint's request log (serving/records.py): the newest records of one
-model version, from a local folder or an ``s3://bucket/prefix``.
+model version (or of every version), from a local folder or an ``s3://bucket/prefix``; and
+the feedback records stored beside it (serving/feedback.py).
 
 Files are ``requests-<UTC hour>[.<part>].jsonl``; they are read newest first until the
 window is full. A line that is not a JSON object (a torn write, an edited file) is counted
 and skipped with its file and line number; records of other versions are counted per
-version, never mixed into this one's window.
+version, never mixed into this one's window. Feedback files are
+``feedback-<UTC hour>.jsonl``; feedback comes after its request, so those of the window's
+first hour and later are read.
 """
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 
 from components.base import StageError
 
 _NAME = re.compile(r"^requests-(\d{8}T\d{2})(?:\.(\d+))?\.jsonl$")
+_FEEDBACK = re.compile(r"^feedback-(\d{8}T\d{2})(?:\.(\d+))?\.jsonl$")
 
 
 @dataclass
@@ -43,13 +48,14 @@ def log_files(folder: Path) -> list[Path]:
     return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
 
 
-def read_window(source: str, model: str, routes: list[str], last_requests: int | None, hours: float | None,
+def read_window(source: str, model: str | None, routes: list[str], last_requests: int | None, hours: float | None,
                 s3_endpoint_url: str | None = None, now: datetime | None = None) -> LogWindow:
-    """The newest records of ``model`` (``name/version``) on ``routes``: at most
-    ``last_requests``, none older than ``hours``. StageError when the log does not exist."""
+    """The newest records of ``model`` (``name/version``; None: every version) on ``routes``:
+    at most ``last_requests``, none older than ``hours``. StageError when the log does not exist."""
     if source.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="llmops-monitor-") as tmp:
-            _download(source, Path(tmp), s3_endpoint_url, hours, now)
+            oldest = ((now or datetime.now(timezone.utc)) - timedelta(hours=hours)).strftime("%Y%m%dT%H") if hours else ""
+            _download(source, Path(tmp), s3_endpoint_url, oldest, _NAME)
             window = _read(Path(tmp), model, routes, last_requests, hours, now)
     else:
         folder = Path(source)
@@ -61,26 +67,17 @@ def read_window(source: str, model: str, routes: list[str], last_requests: int |
     return window
 
 
-def _read(folder: Path, model: str, routes: list[str], last_requests: int | None, hours: float | None,
+def _read(folder: Path, model: str | None, routes: list[str], last_requests: int | None, hours: float | None,
           now: datetime | None) -> LogWindow:
     since = (now or datetime.now(timezone.utc)) - timedelta(hours=hours) if hours else None
     window = LogWindow(records=[], source=str(folder))
     for path in log_files(folder):
         window.files += 1
         kept = []
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                window.corrupt.append(f"{path.name}:{n}: {str(exc).splitlines()[0][:80]}")
-                continue
+        for _, record in _records(path, window.corrupt):
             if record.get("route") not in routes:
                 window.other_routes += 1
-            elif record.get("model") != model:
+            elif model is not None and record.get("model") != model:
                 window.other_versions[str(record.get("model"))] += 1
             elif since is None or _parse_time(record.get("time")) >= since:
                 kept.append(record)
@@ -103,9 +100,46 @@ def _parse_time(value) -> datetime:
         return datetime.min.replace(tzinfo=timezone.utc)
 
 
-def _download(uri: str, into: Path, endpoint_url: str | None, hours: float | None, now: datetime | None) -> None:
-    """Copy the log files under ``s3://bucket/prefix`` into ``into`` (only the hours the
-    window can reach, when it is a time span)."""
+def read_feedback(source: str, since_hour: str, s3_endpoint_url: str | None = None) -> tuple[list[dict], list[str]]:
+    """The feedback records stored beside the request log at ``source`` (a folder or
+    ``s3://bucket/prefix``) in files of hour ``since_hour`` (``YYYYMMDDTHH``) and later, in
+    the order they were written; and the lines that are not JSON objects ("file:line: reason")."""
+    if source.startswith("s3://"):
+        with tempfile.TemporaryDirectory(prefix="llmops-feedback-") as tmp:
+            _download(source, Path(tmp), s3_endpoint_url, since_hour, _FEEDBACK)
+            return _read_feedback(Path(tmp), since_hour)
+    return _read_feedback(Path(source), since_hour)
+
+
+def _read_feedback(folder: Path, since_hour: str) -> tuple[list[dict], list[str]]:
+    found = sorted((m.group(1), int(m.group(2) or 0), p) for p in folder.glob("feedback-*.jsonl")
+                   if (m := _FEEDBACK.match(p.name)) and m.group(1) >= since_hour)
+    records: list[dict] = []
+    corrupt: list[str] = []
+    for _, _, path in found:
+        records += [record | {"_file": path.name, "_line": n} for n, record in _records(path, corrupt)]
+    return records, corrupt
+
+
+def _records(path: Path, corrupt: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each JSON object line of ``path``; the other lines go to
+    ``corrupt`` as "file:line: reason"."""
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            corrupt.append(f"{path.name}:{n}: {str(exc).splitlines()[0][:80]}")
+            continue
+        yield n, record
+
+
+def _download(uri: str, into: Path, endpoint_url: str | None, oldest: str, pattern: re.Pattern) -> None:
+    """Copy the files under ``s3://bucket/prefix`` whose names match ``pattern`` into
+    ``into``, only those of hour ``oldest`` (``YYYYMMDDTHH``) and later ("": all)."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
@@ -113,13 +147,12 @@ def _download(uri: str, into: Path, endpoint_url: str | None, hours: float | Non
     bucket, _, prefix = uri[5:].rstrip("/").partition("/")
     s3 = boto3.client("s3", endpoint_url=endpoint_url or None, config=Config(
         retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30))
-    oldest = ((now or datetime.now(timezone.utc)) - timedelta(hours=hours)).strftime("%Y%m%dT%H") if hours else ""
     try:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
         for page in pages:
             for item in page.get("Contents", []):
                 name = item["Key"].rsplit("/", 1)[-1]
-                m = _NAME.match(name)
+                m = pattern.match(name)
                 if m and m.group(1) >= oldest:
                     s3.download_file(bucket, item["Key"], str(into / name))
     except (BotoCoreError, ClientError) as exc:

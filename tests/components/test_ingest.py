@@ -8,6 +8,7 @@ import boto3
 import pandas as pd
 import pytest
 
+from components import generate
 from components.base import StageError, StageIO, file_sha256
 from components.ingest import FilesSource, GenerateSource, IngestSpec, read_tables, run
 
@@ -113,3 +114,43 @@ def test_mixed_types_in_a_column(raw):
     (raw / "tickets.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(StageError, match=r"tickets.jsonl: row 5: column subject: int value 12345 in a column of str"):
         read_tables(str(raw))
+
+
+def _traffic(folder, n: int = 4):
+    """A labelled-traffic folder as `llmops data from-traffic` writes it: tickets and origin."""
+    tickets = generate.generate(n_tickets=n, n_customers=60, seed=3, shift="language").tickets
+    tickets["ticket_id"] = [f"triage-{i:032x}" for i in range(n)]
+    folder.mkdir(parents=True)
+    tickets.to_parquet(folder / "tickets.parquet", index=False)
+    pd.DataFrame({"ticket_id": tickets.ticket_id, "model": ["triage/1"] * (n - 1) + ["triage/2"]}).to_parquet(
+        folder / "origin.parquet", index=False)
+    return tickets
+
+
+def test_extra_tables_are_added_beside_the_source_and_their_origin_counted(tmp_path):
+    traffic = _traffic(tmp_path / "data" / "traffic")
+    cfg = IngestSpec(source=GenerateSource(n_tickets=300, n_customers=60, seed=3), extra=["data/traffic"])
+    result = run(cfg, StageIO(pipeline="t", out_dir=tmp_path / "o", root=tmp_path))
+    tickets = pd.read_parquet(result.outputs["tickets"])
+    assert len(tickets) == 304 and list(tickets.ticket_id[300:]) == list(traffic.ticket_id)
+    assert list(tickets.body[300:]) == list(traffic.body) and (tickets.language[300:] == "es").all()
+    assert result.report.rows == {"tickets": 304, "customers": 60, "customer_profiles": result.report.rows[
+        "customer_profiles"], "articles": 40}
+    assert result.report.tickets_by_origin == {"source": 300, "data/traffic": 4}
+    [origin] = result.report.extra
+    assert origin.uri == "data/traffic" and origin.rows == {"tickets": 4} and origin.dvc_md5 is None
+    assert origin.sha256 == {"tickets": file_sha256(tmp_path / "data" / "traffic" / "tickets.parquet")}
+    assert origin.models == {"triage/1": 3, "triage/2": 1}
+    assert "| data/traffic | tickets 4 | sha256 " in result.summary
+
+
+def test_extra_folders_that_are_missing_empty_or_listed_twice_are_named(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(StageError, match=r"ingest.extra: data/traffic: folder .*data/traffic does not exist"):
+        run(IngestSpec(extra=["data/traffic"]), StageIO(pipeline="t", out_dir=tmp_path / "o", root=tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageError, match="holds none of the tables tickets, customers, customer_profiles, articles"):
+        run(IngestSpec(extra=["empty"]), StageIO(pipeline="t", out_dir=tmp_path / "o", root=tmp_path))
+    with pytest.raises(ValidationError, match="listed twice: data/traffic"):
+        IngestSpec(extra=["data/traffic", "data/traffic"])

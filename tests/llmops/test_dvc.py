@@ -40,6 +40,13 @@ def test_check_reports_each_disagreement(tmp_path):
     ])
 
 
+def test_folders_ingest_adds_are_its_deps_so_new_labelled_data_reruns_it():
+    spec = load_spec(REPO / "pipelines.yaml", ["ingest.extra=[data/traffic, s3://labels/2026]"], env={})
+    deps = dvcfile.build(spec)["stages"]["ingest"]["deps"]
+    plain = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))["stages"]["ingest"]["deps"]
+    assert deps == plain + ["data/traffic"]  # S3 data is not DVC's to track
+
+
 def test_stage_params_are_only_the_keys_it_reads():
     doc = dvcfile.build(load_spec(REPO / "pipelines.yaml", env={}))
     # a stage's section, the other keys it reads, and the catalog entries of the models they name

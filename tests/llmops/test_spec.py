@@ -214,7 +214,7 @@ def test_cli_schema_is_json():
     assert json.loads(proc.stdout)["title"] == "Spec"
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["stage"], ["config"], ["models"], ["data", "generate"], ["dvc"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["stage"], ["config"], ["models"], ["data", "generate"], ["data", "from-traffic"], ["dvc"]])
 def test_every_command_has_help(cmd):
     proc = run_cli([*cmd, "--help"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
