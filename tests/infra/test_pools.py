@@ -89,6 +89,13 @@ def test_the_docker_pool_requests_gpus_and_reads_its_key_from_secret_blocks(pref
     assert config["container_create_kwargs"]["device_requests"] == [
         {"driver": "nvidia", "count": 3, "capabilities": [["gpu"]]}]
     assert config["container_create_kwargs"]["shm_size"] == "8g"
+    # what docker-py (the Docker worker's client) sends to the Docker API for these kwargs
+    from docker.models.containers import _create_container_args
+
+    host = _create_container_args({"image": config["image"], "version": "1.45", **config["container_create_kwargs"]})
+    assert host["host_config"]["DeviceRequests"] == [
+        {"Driver": "nvidia", "Count": 3, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
+    assert host["host_config"]["ShmSize"] == 8 * 1024 ** 3
     assert config["env"]["AWS_SECRET_ACCESS_KEY"] == "s3-secret-from-block"
     assert config["env"]["MLFLOW_TRACKING_URI"] == compose()["x-llmops-env"]["MLFLOW_TRACKING_URI"]
     assert (config["image"], config["networks"], config["volumes"]) == \
