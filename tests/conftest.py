@@ -265,12 +265,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
+    """Wait until ``url`` answers 200; a server that exits or stays silent fails with its log."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{what} did not start: {log.read_text()[-2000:]}")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real Prefect server (`prefect server start`) on 127.0.0.1 with its own home and
     SQLite database; yields its API URL. Stopped at the end of the session."""
-    import httpx
-
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     env = cli_env(PREFECT_HOME=str(home), PREFECT_SERVER_LOGGING_LEVEL="WARNING")
@@ -278,17 +293,8 @@ def prefect_server(tmp_path_factory):
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 240  # the first start creates the database (~45 s on a busy machine)
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
+    # the first start creates the database (~45 s on a busy machine)
+    wait_healthy(f"{url}/health", proc, home / "server.log", 240, "prefect server")
     yield url
     proc.terminate()
     try:
