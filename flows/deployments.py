@@ -154,8 +154,12 @@ def apply(spec: Spec, root: Path, spec_file: Path, pipeline: str, say=print) -> 
     from prefect.runner.storage import LocalStorage
     from prefect.schedules import Cron
 
-    ensure_pools(spec, root, pipeline, say)
     source = source_folder(spec, root, pipeline)
+    missing = [e.split(":")[0] for _, e in ENTRYPOINTS.values() if not (Path(source) / e.split(":")[0]).is_file()]
+    if missing:
+        raise ValueError(f"deployments.source: {source} does not hold the project's code ({', '.join(missing)} "
+                         "missing): point it at the project folder on the workers' machine")
+    ensure_pools(spec, root, pipeline, say)
     applied = []
     for d in declare(spec, root, spec_file, pipeline):
         schedules = [Cron(d.cron, timezone=d.timezone, active=d.active)] if d.cron else []

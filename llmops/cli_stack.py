@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmops.cli_common import DEFAULT_SPEC, PipelineOpt, SpecFile, _fail, _load, _root, app, console, out
+from llmops.cli_common import DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _fail, _load, _root, app, console, out
 
 
 @app.command()
@@ -18,6 +18,7 @@ def up(
     prefect_port: Annotated[int, typer.Option(help="The Prefect server's port (its UI and API).")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="The MLflow UI's port.")] = 5000,
     serve: Annotated[bool, typer.Option(help="Also serve the champion (when there is one).")] = True,
+    overrides: SetOpt = None,
 ) -> None:
     """Start the local stack in the background: a Prefect server with the deployments applied,
     a worker per process pool, the MLflow UI and the endpoint. Running twice is harmless;
@@ -25,7 +26,7 @@ def up(
     from llmops.runner import configure_environment
     from llmops.stack import up as stack_up
 
-    spec = _load(file, None, pipeline)
+    spec = _load(file, overrides, pipeline)
     name, _ = spec.pipeline(pipeline)
     if spec.services.prefect.api_url:
         _fail(f"services.prefect.api_url names a Prefect server ({spec.services.prefect.api_url}): `llmops up` "
@@ -40,6 +41,9 @@ def up(
     for part in parts:
         table.add_row(part["name"], escape(part["state"]), escape(part.get("url", "-")), escape(part.get("log", "-")))
     out.print(table)
+    for part in parts:
+        if part.get("reason"):
+            out.print(f"{part['name']}: {escape(part['reason'])}")
     api = next(p["api"] for p in parts if p["name"] == "prefect-server")
     out.print(f"Prefect UI: {api.removesuffix('/api')}  (llmops run and llmops monitor use this server while it runs; "
               f"other shells: export PREFECT_API_URL={api})")

@@ -121,7 +121,7 @@ def _endpoint(spec: Spec, root: Path, spec_file: Path, pipeline: str, folder: Pa
     try:
         find_version(ModelRef.parse(wanted))
     except (RegistryError, ValueError) as exc:
-        return {"name": "endpoint", "state": f"not started: {exc} (run the pipeline first: make run)", "url": "-"}
+        return {"name": "endpoint", "state": "not started", "url": "-", "reason": f"{exc}; run the pipeline first (make run)"}
     url = f"http://{HOST}:{pipe.serve.port}"
     return _start(folder, "endpoint", [str(BIN / "llmops"), "serve", "-f", str(spec_file.resolve()), "-p", pipeline],
                   url, f"{url}/health", 600, say, cwd=root, port=pipe.serve.port) | {"name": "endpoint"}

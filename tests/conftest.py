@@ -303,6 +303,20 @@ def prefect_server(tmp_path_factory):
         proc.kill()
 
 
+def clear_deployments(api_url: str) -> None:
+    """Delete the project's deployments and their automations from a Prefect server the
+    session shares, so the next test finds it as it was (Prefect keeps a deployment's
+    trigger automations when the deployment is deleted)."""
+    import httpx
+
+    for d in httpx.post(f"{api_url}/deployments/filter", json={}, timeout=30).json():
+        if "llmops" in d["tags"]:
+            httpx.delete(f"{api_url}/deployments/{d['id']}", timeout=30)
+    for a in httpx.post(f"{api_url}/automations/filter", json={}, timeout=30).json():
+        if ": drift -> retrain" in a["name"]:
+            httpx.delete(f"{api_url}/automations/{a['id']}", timeout=30)
+
+
 class _Receiver(BaseHTTPRequestHandler):
     """Keeps every POST's path and JSON body."""
 

@@ -1,6 +1,6 @@
-"""A stage on another work pool (the GPU path, with a process pool named ``gpu`` standing in
+"""A stage on another work pool (the GPU path, with a process pool ``gpu-stand-in`` standing in
 for the GPU machine's worker; ~2 min): `llmops run` on a real Prefect server runs ingest
-itself and validate as a run of the one-stage deployment on pool ``gpu``, through a real
+itself and validate as a run of the one-stage deployment on that pool, through a real
 worker of that pool; inputs and outputs travel through S3 (moto's server), the outputs land
 in artifacts/, and the stage's MLflow run is nested under the pipeline's."""
 from __future__ import annotations
@@ -13,9 +13,10 @@ import subprocess
 import httpx
 import pytest
 
-from tests.conftest import BIN, REPO, cli_env, make_project, run_cli, sqlite_registry
+from tests.conftest import BIN, REPO, clear_deployments, cli_env, make_project, run_cli, sqlite_registry
 
 PIPELINE = "support-triage"
+POOL = "gpu-stand-in"  # a process pool in place of a GPU machine's (the server serves the whole session)
 
 
 @pytest.mark.integration
@@ -24,18 +25,18 @@ def test_validate_runs_on_the_gpu_pool_with_its_files_through_s3(prefect_server,
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="llmops")
     project = make_project(tmp_path / "project", {"ingest.source.n_tickets": 300})
-    pools = {"cpu": {"type": "process"}, "gpu": {"type": "process", "concurrency": 1}}
-    sets = ["--set", f"deployments.pools={json.dumps(pools)}", "--set", "deployments.stage_pools={validate: gpu}",
+    pools = {"cpu": {"type": "process"}, POOL: {"type": "process", "concurrency": 1}}
+    sets = ["--set", f"deployments.pools={json.dumps(pools)}", "--set", f"deployments.stage_pools={{validate: {POOL}}}",
             "--set", "deployments.shared_storage=s3://llmops/transfer", "--set", f"deployments.source={REPO}"]
     env = {"PREFECT_API_URL": prefect_server, "AWS_ENDPOINT_URL": s3_endpoint, "COLUMNS": "250",
            **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
     applied = run_cli(["deployments", "apply", *sets], cwd=project, **env)
     assert applied.returncode == 0, applied.stdout + applied.stderr
-    assert "work pool gpu (process) created, 1 run(s) at once" in applied.stdout
+    assert f"work pool {POOL} (process) created, 1 run(s) at once" in applied.stdout
     assert "llmops-stage/support-triage-validate" in applied.stdout
 
     log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--name", "gpu-test"],
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--name", POOL],
                               cwd=tmp_path, env=cli_env(PREFECT_WORKER_QUERY_SECONDS="2", **env), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -45,7 +46,7 @@ def test_validate_runs_on_the_gpu_pool_with_its_files_through_s3(prefect_server,
         worker.wait(timeout=60)
         log.close()
     assert ran.returncode == 0, ran.stdout + ran.stderr + (tmp_path / "worker.log").read_text()[-3000:]
-    assert "running llmops-stage/support-triage-validate on work pool gpu" in ran.stderr
+    assert f"running llmops-stage/support-triage-validate on work pool {POOL}" in ran.stderr
 
     validate = project / "artifacts" / PIPELINE / "validate"
     report = json.loads((validate / "validation.json").read_text())
@@ -57,8 +58,7 @@ def test_validate_runs_on_the_gpu_pool_with_its_files_through_s3(prefect_server,
     assert f"transfer/{PIPELINE}/{run_id}/validate/validation.json" in keys  # the output, returned
     assert f"transfer/{PIPELINE}/{run_id}/validate.json" in keys
 
-    runs = httpx.post(f"{prefect_server}/flow_runs/filter", json={
-        "flow_runs": {"work_pool_name": {"any_": ["gpu"]}}}).json()
+    runs = httpx.post(f"{prefect_server}/flow_runs/filter", json={"work_pools": {"name": {"any_": [POOL]}}}).json()
     stage_runs = [r for r in runs if r["parameters"].get("transfer", "").endswith(run_id)]
     assert [r["state"]["type"] for r in stage_runs] == ["COMPLETED"] and stage_runs[0]["parent_task_run_id"]
 
@@ -69,3 +69,5 @@ def test_validate_runs_on_the_gpu_pool_with_its_files_through_s3(prefect_server,
         [parent] = [r for r in found if r.data.tags.get("llmops.stages") == "ingest,validate"]
         [stage] = [r for r in found if r.data.tags.get("llmops.stage") == "validate"]
         assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id and stage.info.status == "FINISHED"
+    clear_deployments(prefect_server)  # leave the session's server as found
+    httpx.delete(f"{prefect_server}/work_pools/{POOL}")
