@@ -53,6 +53,10 @@ def configure_environment(spec: Spec, root: Path) -> None:
     # finished stage idles for a few minutes while later stages run. This only hides the line:
     # a later Feast call in the same process can still fail to reconnect (README: known issue).
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # On a tracking server MLflow prints two "View run ... at: http://..." lines to stdout per
+    # run (each stage, the pipeline, a monitoring run) into the command's report; the run
+    # ids are in the logs and the tables already. Set it to false to have the links back.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # The spec decides (its defaults read the environment: ${PREFECT_API_URL:-}, ...).
     if spec.services.prefect.api_url:
         os.environ["PREFECT_API_URL"] = spec.services.prefect.api_url

@@ -27,6 +27,10 @@ from components.registry import CHAMPION, RegistryError, aliases, client, versio
 from components.task import AnswerSchema
 
 MANIFEST = "llmops-model.json"
+# In a fetched copy: the artifact URI it was downloaded from. Version numbers are only unique
+# within one registry; a state folder used with another tracking URI (the embedded store, then
+# a server) holds copies of another registry's version 1, 2, ... that must not be served.
+SOURCE = ".llmops-source"
 
 
 @dataclass(frozen=True)
@@ -89,13 +93,14 @@ def find_version(ref: ModelRef) -> tuple[int, Any]:
 
 
 def fetch(ref: ModelRef, cache: Path) -> tuple[int, Path]:
-    """Download the version's files into ``cache/<name>/<version>/`` (once: a complete copy is
-    reused; a partial one is replaced). Returns (version number, folder)."""
+    """Download the version's files into ``cache/<name>/<version>/`` (once: a complete copy
+    downloaded from the version's artifact URI is reused; a partial one, or one of another
+    registry's version with the same number, is replaced). Returns (version number, folder)."""
     import mlflow
 
     number, found = find_version(ref)
     folder = cache / ref.name / str(number)
-    if (folder / MANIFEST).exists():
+    if (folder / MANIFEST).exists() and (folder / SOURCE).exists() and (folder / SOURCE).read_text() == found.source:
         return number, folder
     partial = folder.with_name(f".{number}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -110,6 +115,7 @@ def fetch(ref: ModelRef, cache: Path) -> tuple[int, Path]:
     if not (inner / MANIFEST).exists():
         shutil.rmtree(partial, ignore_errors=True)
         raise ModelError(f"{ref.name} version {number} holds no {MANIFEST}: not a version the register stage wrote")
+    (inner / SOURCE).write_text(found.source)
     shutil.rmtree(folder, ignore_errors=True)
     inner.rename(folder)
     shutil.rmtree(partial, ignore_errors=True)

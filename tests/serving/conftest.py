@@ -53,10 +53,11 @@ def grew(before: dict, after: dict, name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def serve_cli(args: list[str], cwd, port: int, timeout: float = 180.0) -> subprocess.Popen:
-    """``llmops ARGS`` (a `serve`) started in ``cwd``, once it answers /health on ``port``;
-    stop it with SIGINT and read its output with ``communicate``."""
-    proc = subprocess.Popen([str(BIN / "llmops"), *args], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+def serve_cli(args: list[str], cwd, port: int, timeout: float = 180.0, env: dict | None = None) -> subprocess.Popen:
+    """``llmops ARGS`` (a `serve`) started in ``cwd`` (environment ``env``, default
+    :func:`cli_env`), once it answers /health on ``port``; stop it with SIGINT and read its
+    output with ``communicate``."""
+    proc = subprocess.Popen([str(BIN / "llmops"), *args], cwd=cwd, env=env or cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while True:

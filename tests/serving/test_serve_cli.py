@@ -10,7 +10,7 @@ import pytest
 from components.catalog import ModelError
 from serving.model import ModelRef, load_folder
 from tests.conftest import REPO, run_cli
-from tests.serving.conftest import NAME, free_port, serve_cli
+from tests.serving.conftest import NAME, free_port, register_run, serve_cli, sqlite_registry
 
 
 def serve_args(champion, tmp_path, *extra: str) -> list[str]:
@@ -75,3 +75,27 @@ def test_model_references():
     assert ModelRef.parse("m") == ModelRef("m", alias="champion")
     with pytest.raises(ValueError, match="expected name/<version number>"):
         ModelRef.parse("m/latest")
+
+
+def test_a_version_of_another_registry_is_fetched_again(tiny_run, tmp_path):
+    """Version numbers are per registry: a state folder that holds version 1 of one registry
+    (the embedded store) fetches version 1 of another (a server) again, never serves the copy."""
+    import json
+
+    import mlflow
+
+    from serving.model import MANIFEST, SOURCE, fetch
+
+    cache, fetched = tmp_path / "versions", []
+    for commit in ("embedded", "server"):
+        with sqlite_registry(tmp_path / commit):
+            register_run(tiny_run, tmp_path / commit / "register", "twin", context={"git_commit": commit})
+            source = mlflow.MlflowClient().get_model_version("twin", "1").source
+            number, folder = fetch(ModelRef.parse("twin/1"), cache)
+            written = (folder / MANIFEST).stat().st_mtime_ns
+            assert fetch(ModelRef.parse("twin/1"), cache) == (1, folder)  # the same registry's copy is reused
+            assert (folder / MANIFEST).stat().st_mtime_ns == written
+        fetched.append((folder, json.loads((folder / MANIFEST).read_text())["git_commit"], source))
+    assert [commit for _, commit, _ in fetched] == ["embedded", "server"]
+    assert {folder for folder, _, _ in fetched} == {cache / "twin" / "1"}
+    assert (cache / "twin" / "1" / SOURCE).read_text() == fetched[1][2]
