@@ -87,7 +87,9 @@ def declare(spec: Spec, root: Path, spec_file: Path, pipeline: str) -> list[Decl
                         sched.enabled, parameters, description, list(triggers))
 
     drift = cfg.retrain.on_drift
-    retrain = {**base, "overrides": list(cfg.retrain.overrides)}
+    traffic = cfg.retrain.from_traffic
+    retrain = {**base, "overrides": list(cfg.retrain.overrides),
+               "from_traffic_hours": traffic.hours if traffic.enabled else None}
     retrain_trigger = DeploymentEventTrigger(
         name=f"{pipeline}: drift -> retrain", enabled=drift.enabled, expect={DRIFT_EVENT}, match=match,
         schedule_after=timedelta(minutes=drift.delay_minutes), parameters={**retrain, "trigger": TRIGGER_PARAMETERS})

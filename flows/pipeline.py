@@ -73,16 +73,23 @@ def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str,
 @flow(name="llmops-pipeline", flow_run_name="{pipeline}")
 def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None, start: str | None = None,
                   until: str | None = None, overrides: list[str] | None = None,
-                  trigger: dict[str, str] | None = None) -> dict[str, dict]:
+                  trigger: dict[str, str] | None = None, from_traffic_hours: float | None = None) -> dict[str, dict]:
     """Run ``pipeline`` (default: the spec's default) from ``start`` to ``until``, as one
     MLflow run with a nested run per stage; returns stage -> {"outputs": name -> path,
     "seconds": wall time}. ``trigger``: what started the run (a drift alert's event id,
-    model, window and signals when an automation did), kept as the run's MLflow tags."""
+    model, window and signals when an automation did), kept as the run's MLflow tags.
+    ``from_traffic_hours``: first turn that many hours of feedback-labelled requests into
+    data/traffic and ingest it beside the source (what a retrain deployment asks for)."""
     import mlflow
     from prefect.runtime import deployment, flow_run
 
     overrides = list(overrides or [])
     spec, name, root = flow_setup(spec_file, overrides, pipeline)
+    traffic = None
+    if from_traffic_hours:
+        traffic = labelled_traffic(spec_file, name, overrides, from_traffic_hours)
+        if traffic["folder"]:
+            overrides.append(f"ingest.extra=[{traffic['folder']}]")
     pipe = spec.pipelines[name]
     stages = select_stages(pipe.stages, start, until)
     run_id = start_pipeline_run(spec, root, name, source="prefect")
@@ -91,6 +98,8 @@ def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None
     if deployment.id:  # None when run outside a deployment (llmops run)
         client.set_tag(run_id, "prefect.deployment", f"{deployment.name} ({deployment.id})")
     client.set_tag(run_id, "llmops.stages", ",".join(stages))
+    if traffic is not None:
+        client.set_tag(run_id, "llmops.from_traffic", traffic["said"][:5000])
     for key, value in (trigger or {}).items():
         client.set_tag(run_id, f"llmops.trigger.{key}", str(value)[:5000])
     if trigger:
@@ -115,6 +124,26 @@ def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None
     finally:
         end_pipeline_run(run_id, ok)
     return outputs
+
+
+def labelled_traffic(spec_file: str, pipeline: str, overrides: list[str], hours: float) -> dict:
+    """`llmops data from-traffic --hours H` (the command a person runs): {"folder":
+    "data/traffic" when it wrote the table, else None, "said": its last line}. No feedback
+    in the window is normal: the run then trains on its source alone."""
+    import subprocess
+    import sys
+
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "llmops", "data", "from-traffic", "-f", spec_file, "-p", pipeline,
+           "--hours", f"{hours:g}", *[x for o in overrides for x in ("--set", o)]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=Path(spec_file).resolve().parent)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    said = lines[-1].removeprefix("error: ") if lines else f"exit {done.returncode}"
+    if done.returncode != 0:
+        logger.warning("no feedback-labelled traffic from the last %g h: %s; training on the source alone", hours, said)
+        return {"folder": None, "said": f"skipped: {said}"}
+    logger.info("feedback-labelled traffic of the last %g h:\n%s", hours, "\n".join(lines))
+    return {"folder": "data/traffic", "said": said}
 
 
 def artifact_key(pipeline: str, stage: str) -> str:

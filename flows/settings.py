@@ -61,9 +61,17 @@ class OnDriftSpec(StrictModel):
     notify: bool = True  # tell the monitor's alert channels that a retrain is scheduled, and how to cancel it
 
 
+class FromTrafficSpec(StrictModel):
+    """Before a retrain run ingests, `llmops data from-traffic` turns the last ``hours`` of
+    feedback-labelled requests into data/traffic, which ingest then adds (ingest.extra)."""
+    enabled: bool = True
+    hours: float = Field(168.0, gt=0)  # the window of the request log (a week)
+
+
 class RetrainSpec(ScheduleSpec):
     cron: str | None = "0 3 * * 1"  # Mondays 03:00
     on_drift: OnDriftSpec = OnDriftSpec()
+    from_traffic: FromTrafficSpec = FromTrafficSpec()
 
 
 class MonitorScheduleSpec(ScheduleSpec):

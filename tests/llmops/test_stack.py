@@ -45,9 +45,9 @@ def test_up_twice_then_down(tmp_path):
         with socket.socket() as other:  # another process on the Prefect port of a second project
             other.bind(("127.0.0.1", 0))
             other.listen()
-            taken = run_cli(["up", "--prefect-port", str(other.getsockname()[1]), "--no-serve"],
-                            cwd=make_project(tmp_path / "other"))
-        assert taken.returncode == 1 and f"port {other.getsockname()[1]} on 127.0.0.1 is taken" in taken.stderr
+            port = other.getsockname()[1]
+            taken = run_cli(["up", "--prefect-port", str(port), "--no-serve"], cwd=make_project(tmp_path / "other"))
+        assert taken.returncode == 1 and f"port {port} on 127.0.0.1 is taken" in taken.stderr, taken.stderr
     finally:
         down = run_cli(["down"], cwd=project)
     assert down.returncode == 0, down.stdout + down.stderr

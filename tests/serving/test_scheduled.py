@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -165,10 +166,21 @@ def test_deployments_run_on_a_worker_and_drift_schedules_a_cancellable_retrain(
     state = wait_for("the retrain run to be cancelled", lambda: (
         s := api(prefect_server, "GET", f"/flow_runs/{scheduled['id']}")["state"])["type"] == "CANCELLED" and s, 60)
     assert state["type"] == "CANCELLED"
-    # The retrain deployment runs the pipeline through the worker (here its first stage only),
-    # and the MLflow run says which drift alert caused it.
-    sliced = api(prefect_server, "POST", f"/deployments/{retrain['id']}/create_flow_run",
-                 parameters={**scheduled["parameters"], "start": "ingest", "until": "ingest"})
+    # The retrain deployment runs the pipeline through the worker (here its first stage only):
+    # first `llmops data from-traffic` over the request log, whose one feedback record (a
+    # person confirming the first answer) becomes a ticket ingest adds beside the source;
+    # the MLflow run says which drift alert caused it and what the traffic step did.
+    labelled = tmp_path / "labelled"
+    shutil.copytree(drift_traffic["ordinary"], labelled)
+    request = next(json.loads(line) for f in sorted(labelled.glob("requests-*.jsonl"))
+                   for line in f.read_text().splitlines() if line.strip() and json.loads(line).get("answer"))
+    (labelled / f"feedback-{datetime.now(timezone.utc):%Y%m%dT%H}.jsonl").write_text(json.dumps({
+        "feedback_id": "feedback-1", "time": datetime.now(timezone.utc).isoformat(), "request_id": request["request_id"],
+        "answer": json.loads(request["answer"]), "who": "agent-7", "note": None, "model": f"{DRIFT}/1"}) + "\n")
+    sliced = api(prefect_server, "POST", f"/deployments/{retrain['id']}/create_flow_run", parameters={
+        **scheduled["parameters"], "start": "ingest", "until": "ingest",
+        "overrides": [f"monitor.log={labelled}", f"serve.model={DRIFT}@champion"]})
+    assert scheduled["parameters"]["from_traffic_hours"] == 168
     done = wait_for("the retrain run (ingest only) to finish", lambda: finished(sliced["id"]), 300, worker_log)
     assert done["state"]["type"] == "COMPLETED", done["state"]
     with sqlite_registry(feature_project["state"] / "mlflow", experiment="support-triage"):
@@ -177,5 +189,9 @@ def test_deployments_run_on_a_worker_and_drift_schedules_a_cancellable_retrain(
     assert run.data.tags["llmops.trigger.signals"] == "embeddings,unseen_words"
     assert run.data.tags["prefect.flow_run_id"] == sliced["id"] and retrain["id"] in run.data.tags["prefect.deployment"]
     assert run.data.tags["llmops.stages"] == "ingest" and run.info.status == "FINISHED"
+    assert run.data.tags["llmops.from_traffic"].startswith("retrain on it"), run.data.tags["llmops.from_traffic"]
+    ingested = json.loads((project / "artifacts" / PIPELINE / "ingest" / "metrics.json").read_text())
+    assert ingested["tickets_by_origin"]["data/traffic"] == 1, ingested
+    assert (project / "data" / "traffic.dvc").exists()
 
     clear_deployments(prefect_server)  # nothing left to fire after this test (the server serves the session)
