@@ -17,3 +17,16 @@ def base_model_or_exit(spec, pipe) -> str:
     except ModelError as exc:
         print(f"finetune.base_model: {exc}\n(`make models` provisions it)", file=sys.stderr)
         sys.exit(2)
+
+
+def triage_or_exit(spec, root: Path, name: str, pipe, served):
+    """The served version's Triage (serving/triage.py) over the project's stores, the feature
+    server started when none runs (stop it with components.featureserver.stop when
+    ``started_server``); exits with the reason when it cannot open."""
+    from serving.triage import open_triage
+
+    triage = open_triage(served.manifest, pipe.features, (root / spec.services.feast.repo).resolve(),
+                         spec.state_dir(root), name, spec.models, start_server=True)
+    if triage.problem:
+        sys.exit(f"triage: {triage.problem}")
+    return triage

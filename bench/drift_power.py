@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from bench.common import triage_or_exit
     from components import featureserver, generate
     from components.lm import prompt_ids
     from components.monitor.reference import find_reference
@@ -71,7 +72,6 @@ def main() -> None:
     from llmops.monitoring import monitor_folder, served_version
     from llmops.runner import configure_environment
     from llmops.spec import load_spec
-    from serving.triage import open_triage
 
     root = args.spec.resolve().parent
     spec = load_spec(args.spec.resolve(), [])
@@ -92,10 +92,7 @@ def main() -> None:
                 or any(len(pools.get(k, [])) < args.shifted for k in args.kinds)):
             pools = {}
     if not pools:
-        triage = open_triage(served.manifest, pipe.features, (root / spec.services.feast.repo).resolve(),
-                             spec.state_dir(root), name, spec.models, start_server=True)
-        if triage.problem:
-            sys.exit(f"triage: {triage.problem}")
+        triage = triage_or_exit(spec, root, name, pipe, served)
         started = time.perf_counter()
         try:
             ordinary = generate.generate(n_tickets=source.n_tickets + args.ordinary, n_customers=source.n_customers,
@@ -113,13 +110,14 @@ def main() -> None:
               + ", ".join(f"{k} {len(v)}" for k, v in pools.items() if k != "model"))
 
     from components.featurestore import Embedder
+    from components.monitor.embeddings import bf16_supported, encoder
     from components.monitor.reference import request_text
 
     embedder = Embedder(served.manifest["prompt"].get("embedding_model") or pipe.features.embedding_model,
                         spec.models, spec.state_dir(root))
     texts = sorted({request_text(r["messages"]) for k, v in pools.items() if k != "model" for r in v} | set(ref.texts))
     started = time.perf_counter()
-    vectors = embedder.encode(texts)
+    vectors = encoder(embedder, bf16_supported())(texts)  # as `llmops monitor` embeds them
     index = {t: i for i, t in enumerate(texts)}
     print(f"embedded {len(texts):,} texts in {time.perf_counter() - started:.0f} s")
 

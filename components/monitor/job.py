@@ -4,7 +4,8 @@ prompts, the signals, the Evidently report, the summary, the history of runs.
 What it writes under ``<state>/monitor/<pipeline>/``: ``runs/<UTC time>/report.html``
 (Evidently) and ``summary.json``; ``history.jsonl`` (one summary per run) and
 ``history.png`` (each signal over the last runs, with its threshold); the reference copy
-and its embeddings (``reference/``); the Evidently workspace (``workspace/``, browse it
+and its embeddings (``reference/``); the window's embeddings per text, kept for the next
+runs (``embeddings/``, components/monitor/embeddings.py); the Evidently workspace (``workspace/``, browse it
 with ``evidently ui --workspace <that folder>``).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from components.base import StageError, write_json
+from components.monitor.embeddings import TextEmbeddings, bf16_supported, encoder
 from components.monitor.reference import find_reference
 from components.monitor.settings import MonitorSpec
 from components.monitor.signals import compute, reference_frame, window_frame
@@ -47,33 +50,46 @@ def run(cfg: MonitorSpec, served: Served, log_source: str, out: Path, artifacts_
     from components.lm import prompt_ids
 
     started = time.perf_counter()
-    window = read_window(log_source, served.id, cfg.routes, cfg.window.last_requests, cfg.window.hours,
-                         s3_endpoint_url)
+    timings: dict[str, float] = {}  # seconds per phase, in the summary
+    with _timed(timings, "window"):
+            window = read_window(log_source, served.id, cfg.routes, cfg.window.last_requests, cfg.window.hours,
+                             s3_endpoint_url)
     say(f"window: {len(window.records):,} requests of {served.id} from {window.source} ({window.files} files"
         + (f"; {len(window.corrupt)} corrupt lines skipped, first {window.corrupt[0]}" if window.corrupt else "")
         + (f"; other versions skipped: {dict(window.other_versions)}" if window.other_versions else "") + ")")
-    ref = find_reference(served.manifest, cfg.reference_split, out / "reference", artifacts_prepare, served.run_id)
+    with _timed(timings, "reference"):
+        ref = find_reference(served.manifest, cfg.reference_split, out / "reference", artifacts_prepare, served.run_id)
     say(f"reference: {len(ref.prompts):,} {ref.split} prompts, SHA-256 {ref.sha256[:12]}... ({ref.found_at})")
 
     def count(messages: list[dict]) -> int:
         return len(prompt_ids([m for m in messages if m.get("role") != "assistant"], served.tokenizer))
 
-    current = window_frame(window.records, count, served.schema.parse)
-    reference = reference_frame(ref, count)
-    cache = _ReferenceEmbeddings(out / "reference", f"{ref.sha256}.{re.sub(r'[^A-Za-z0-9_.-]+', '-', embedding_model)}",
-                                 ref.texts, embedder, say)
+    with _timed(timings, "frames"):
+        current = window_frame(window.records, count, served.schema.parse)
+        reference = reference_frame(ref, count)
+    # both sides with the same arithmetic: bfloat16 where the CPU has it, and kept apart from float32
+    bf16 = bf16_supported()
+    model_key = embedding_model + (".bf16" if bf16 else "")
+    cache = _ReferenceEmbeddings(out / "reference", f"{ref.sha256}.{re.sub(r'[^A-Za-z0-9_.-]+', '-', model_key)}",
+                                 ref.texts, lambda: encoder(embedder(), bf16), say)
+    kept = TextEmbeddings(out / "embeddings", model_key, lambda texts: cache.model()(texts))
 
     def embed(texts: list[str], side: str) -> np.ndarray:
-        return cache.get(texts) if side == "reference" else cache.model().encode(texts)
+        if side == "reference":
+            return cache.get(texts)
+        vectors = kept.get(texts)
+        say(f"window embeddings: {kept.computed:,} computed, {kept.reused:,} kept from earlier runs")
+        return vectors
 
-    results, snapshot = compute(cfg.signals, current, reference, ref.texts, embed, cfg.seed)
+    results, snapshot = compute(cfg.signals, current, reference, ref.texts, embed, cfg.seed, timings)
     stamp = datetime.now(timezone.utc)
     folder = out / "runs" / stamp.strftime("%Y%m%dT%H%M%SZ")
     folder.mkdir(parents=True, exist_ok=True)
     report = None
     if snapshot is not None:
         report = folder / "report.html"
-        snapshot.save_html(str(report))
+        with _timed(timings, "report_html"):
+            snapshot.save_html(str(report))
     first, last = window.span
     summary = {
         "time": stamp.isoformat(timespec="seconds"), "model": served.id,
@@ -85,15 +101,27 @@ def run(cfg: MonitorSpec, served: Served, log_source: str, out: Path, artifacts_
         "signals": [r.dict() for r in results],
         "drifted": [r.name for r in results if r.drifted],
         "report": str(report) if report else None, "folder": str(folder),
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    with _timed(timings, "history"):
+        _plot_history(out, summary)
+    if snapshot is not None:
+        with _timed(timings, "workspace"):
+            _add_to_workspace(out / "workspace", served.id.split("/")[0], snapshot)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
     write_json(folder / "summary.json", summary)
     with (out / "history.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(summary) + "\n")
-    _plot_history(out)
-    if snapshot is not None:
-        _add_to_workspace(out / "workspace", served.id.split("/")[0], snapshot)
     return summary
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
 
 
 class _ReferenceEmbeddings:
@@ -115,7 +143,7 @@ class _ReferenceEmbeddings:
                 self._matrix = np.load(self.path)
             else:
                 self.say(f"embedding the {len(self.texts):,} reference prompts (once; kept in {self.path.parent})")
-                self._matrix = self.model().encode(self.texts)
+                self._matrix = self.model()(self.texts)
                 partial = self.path.with_suffix(".partial.npy")
                 np.save(partial, self._matrix)
                 partial.replace(self.path)
@@ -138,14 +166,15 @@ def history(out: Path, last: int = HISTORY_RUNS) -> list[dict]:
     return runs
 
 
-def _plot_history(out: Path) -> None:
-    """history.png: each signal's value over the last runs, its threshold dashed."""
+def _plot_history(out: Path, latest: dict) -> None:
+    """history.png: each signal's value over the last runs (``latest``: this run, not yet in
+    history.jsonl), its threshold dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = history(out)
+    runs = history(out, HISTORY_RUNS - 1) + [latest]
     names = list(dict.fromkeys(s["name"] for r in runs for s in r["signals"]))
     if not names:
         return

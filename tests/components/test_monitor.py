@@ -245,3 +245,33 @@ def test_the_window_reads_the_log_the_endpoint_shipped_to_s3(tmp_path, s3_endpoi
     assert dict(window.other_versions) == {"support-triage/2": 1} and window.source == "s3://logs/llmops/support-triage"
     with pytest.raises(StageError, match=r"request log s3://nothing/here: cannot read it: .*NoSuchBucket"):
         read_window("s3://nothing/here", MODEL, ["/v1/triage"], 10, None, s3_endpoint)
+
+
+def test_window_embeddings_are_kept_per_text_and_the_sample_follows_the_requests(tmp_path):
+    from components.monitor.embeddings import TextEmbeddings
+    from components.monitor.signals import _sample
+
+    encoded: list[str] = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        return np.array([[len(t), t.count("a")] for t in texts], dtype=np.float32)
+
+    kept = TextEmbeddings(tmp_path, "all-minilm-l6-v2", encode, max_rows=3)
+    assert kept.get(["aa", "b", "aa"]).tolist() == [[2, 2], [1, 0], [2, 2]]
+    assert encoded == ["aa", "b"] and (kept.computed, kept.reused) == (2, 0)
+    again = TextEmbeddings(tmp_path, "all-minilm-l6-v2", encode, max_rows=3)  # the next run reads the file
+    assert again.get(["b", "ccca"]).tolist() == [[1, 0], [4, 1]]
+    assert encoded == ["aa", "b", "ccca"] and (again.computed, again.reused) == (1, 1)
+    again.get(["dd"])  # four texts seen, three kept: the least recently used ("aa") goes
+    again.get(["aa"])
+    assert encoded[-2:] == ["dd", "aa"]
+
+    # the sample of an hourly window that moved by 10% is mostly the last one's
+    texts = [f"request {i}" for i in range(11_000)]
+    before, after = set(_sample(texts[:10_000], 1000, 0)), set(_sample(texts[1000:], 1000, 0))
+    assert len(before) == len(after) == 1000 and len(before & after) > 850
+    assert set(_sample(texts[:10_000], 1000, 1)) != before  # another seed, another sample
+    # a text repeated 500 times in 5,000 requests is drawn about 100 times, never all or none
+    drawn = _sample(["spam"] * 500 + texts[:4500], 1000, 0).count("spam")
+    assert 60 < drawn < 140
