@@ -117,7 +117,7 @@ def main() -> None:
                         spec.models, spec.state_dir(root))
     texts = sorted({request_text(r["messages"]) for k, v in pools.items() if k != "model" for r in v} | set(ref.texts))
     started = time.perf_counter()
-    vectors = encoder(embedder, bf16_supported())(texts)  # as `llmops monitor` embeds them
+    vectors = encoder(embedder, pipe.monitor.signals.embeddings.bf16 and bf16_supported())(texts)  # as the monitor does
     index = {t: i for i, t in enumerate(texts)}
     print(f"embedded {len(texts):,} texts in {time.perf_counter() - started:.0f} s")
 

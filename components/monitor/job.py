@@ -67,8 +67,9 @@ def run(cfg: MonitorSpec, served: Served, log_source: str, out: Path, artifacts_
     with _timed(timings, "frames"):
         current = window_frame(window.records, count, served.schema.parse)
         reference = reference_frame(ref, count)
-    # both sides with the same arithmetic: bfloat16 where the CPU has it, and kept apart from float32
-    bf16 = bf16_supported()
+    # both sides with the same arithmetic: float32 unless signals.embeddings.bf16 (and the CPU
+    # has it); the two are kept apart
+    bf16 = cfg.signals.embeddings.bf16 and bf16_supported()
     model_key = embedding_model + (".bf16" if bf16 else "")
     cache = _ReferenceEmbeddings(out / "reference", f"{ref.sha256}.{re.sub(r'[^A-Za-z0-9_.-]+', '-', model_key)}",
                                  ref.texts, lambda: encoder(embedder(), bf16), say)
