@@ -303,6 +303,23 @@ def prefect_server(tmp_path_factory):
         proc.kill()
 
 
+@contextlib.contextmanager
+def prefect_worker(api_url: str, pool: str, log_path: Path, **env: str):
+    """`prefect worker start --pool POOL` on the server at ``api_url``, polling every 2 s,
+    logging to ``log_path``; stopped (its whole process group) on exit, however the test ends."""
+    from components.background import stop_pid
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{pool}-test"],
+                                cwd=log_path.parent, env=cli_env(**{"PREFECT_API_URL": api_url,
+                                                                    "PREFECT_WORKER_QUERY_SECONDS": "2", **env}),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop_pid(proc.pid, timeout_s=30)
+
+
 def clear_deployments(api_url: str) -> None:
     """Delete the project's deployments and their automations from a Prefect server the
     session shares, so the next test finds it as it was (Prefect keeps a deployment's

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 
 import httpx
 import pytest
 
-from tests.conftest import BIN, REPO, clear_deployments, cli_env, make_project, run_cli, sqlite_registry
+from tests.conftest import REPO, clear_deployments, make_project, prefect_worker, run_cli, sqlite_registry
 
 PIPELINE = "support-triage"
 POOL = "gpu-stand-in"  # a process pool in place of a GPU machine's (the server serves the whole session)
@@ -35,16 +33,13 @@ def test_validate_runs_on_the_gpu_pool_with_its_files_through_s3(prefect_server,
     assert f"work pool {POOL} (process) created, 1 run(s) at once" in applied.stdout
     assert "llmops-stage/support-triage-validate" in applied.stdout
 
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--name", POOL],
-                              cwd=tmp_path, env=cli_env(PREFECT_WORKER_QUERY_SECONDS="2", **env), stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        ran = run_cli(["run", "--until", "validate", *sets], cwd=project, **env)
+        with prefect_worker(prefect_server, POOL, tmp_path / "worker.log", **env):
+            ran = run_cli(["run", "--until", "validate", *sets], cwd=project, **env)
+        runs = httpx.post(f"{prefect_server}/flow_runs/filter", json={"work_pools": {"name": {"any_": [POOL]}}}).json()
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
-        log.close()
+        clear_deployments(prefect_server)  # leave the session's server as found
+        httpx.delete(f"{prefect_server}/work_pools/{POOL}")
     assert ran.returncode == 0, ran.stdout + ran.stderr + (tmp_path / "worker.log").read_text()[-3000:]
     assert f"running llmops-stage/support-triage-validate on work pool {POOL}" in ran.stderr
 
@@ -58,7 +53,6 @@ def test_validate_runs_on_the_gpu_pool_with_its_files_through_s3(prefect_server,
     assert f"transfer/{PIPELINE}/{run_id}/validate/validation.json" in keys  # the output, returned
     assert f"transfer/{PIPELINE}/{run_id}/validate.json" in keys
 
-    runs = httpx.post(f"{prefect_server}/flow_runs/filter", json={"work_pools": {"name": {"any_": [POOL]}}}).json()
     stage_runs = [r for r in runs if r["parameters"].get("transfer", "").endswith(run_id)]
     assert [r["state"]["type"] for r in stage_runs] == ["COMPLETED"] and stage_runs[0]["parent_task_run_id"]
 
@@ -69,5 +63,3 @@ def test_validate_runs_on_the_gpu_pool_with_its_files_through_s3(prefect_server,
         [parent] = [r for r in found if r.data.tags.get("llmops.stages") == "ingest,validate"]
         [stage] = [r for r in found if r.data.tags.get("llmops.stage") == "validate"]
         assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id and stage.info.status == "FINISHED"
-    clear_deployments(prefect_server)  # leave the session's server as found
-    httpx.delete(f"{prefect_server}/work_pools/{POOL}")

@@ -6,19 +6,19 @@ the review window, with the event in its parameters, the notice reaches the aler
 webhook, and the scheduled run can be cancelled as the notice says."""
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import BIN, REPO, clear_deployments, cli_env, run_cli, sqlite_registry
+from tests.conftest import BIN, REPO, clear_deployments, cli_env, prefect_worker, run_cli, sqlite_registry
 from tests.serving.conftest import DRIFT
 from tests.serving.test_monitor_live import SETTINGS
 
@@ -29,28 +29,16 @@ RETRAIN = f"llmops-pipeline/{PIPELINE}-retrain"
 
 @pytest.fixture
 def worker(prefect_server, webhook, tmp_path):
-    """``worker()`` starts `prefect worker start --pool cpu` polling every 2 s, with the alert
-    webhook in its environment (the runs it starts send notices there); returns its log
-    file. Stopped after the test."""
+    """``worker()`` starts a process worker of pool cpu with the alert webhook in its
+    environment (the runs it starts send notices there); returns its log file."""
     url, _ = webhook
-    log_path, procs = tmp_path / "worker.log", []
-    env = cli_env(PREFECT_API_URL=prefect_server, PREFECT_WORKER_QUERY_SECONDS="2",
-                  LLMOPS_ALERT_WEBHOOK_URL=f"{url}/notice")
+    with contextlib.ExitStack() as stack:
+        def start() -> Path:
+            stack.enter_context(prefect_worker(prefect_server, "cpu", tmp_path / "worker.log",
+                                               LLMOPS_ALERT_WEBHOOK_URL=f"{url}/notice"))
+            return tmp_path / "worker.log"
 
-    def start():
-        with log_path.open("w") as log:
-            procs.append(subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--name", "test"],
-                                          cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        return log_path
-
-    yield start
-    for proc in procs:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        yield start
 
 
 def api(server: str, method: str, path: str, **body):
