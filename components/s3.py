@@ -17,12 +17,13 @@ def split(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def client(endpoint_url: str | None = None):
+def client(endpoint_url: str | None = None, attempts: int = 3, read_timeout_s: float = 120):
+    """A boto3 S3 client with standard retries (``attempts`` in all) and bounded waits."""
     import boto3
     from botocore.config import Config
 
     return boto3.client("s3", endpoint_url=endpoint_url or None, config=Config(
-        retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=120))
+        retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5, read_timeout=read_timeout_s))
 
 
 def _fail(action: str, uri: str, exc: Exception) -> StageError:

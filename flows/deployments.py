@@ -43,6 +43,12 @@ TRIGGER_PARAMETERS = {  # (rendered as text: a UUID or a datetime would not rend
     "signals": "{{ event.payload.signals | map(attribute='name') | join(',') }}"}
 
 
+def deployment_name(kind: str, pipeline: str, stage: str | None = None) -> str:
+    """The deployment's full name, ``flow/deployment``: e.g. ``llmops-pipeline/P-retrain``,
+    ``llmops-stage/P-finetune``."""
+    return f"{ENTRYPOINTS[kind][0]}/{pipeline}-{stage or kind}"
+
+
 @dataclass
 class Declared:
     """One deployment as the spec declares it."""

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger
 
 from components.monitor import alerts
+from flows.deployments import deployment_name
 from llmops.monitoring import monitor_folder
 from llmops.runner import flow_setup
 
@@ -63,7 +64,7 @@ def retrain_notice_flow(spec_file: str = "pipelines.yaml", pipeline: str | None 
 
     logger = get_run_logger()
     spec, name, root = flow_setup(spec_file, list(overrides or []), pipeline)
-    run = find_scheduled_run(f"llmops-pipeline/{name}-retrain", event_id, wait_s)
+    run = find_scheduled_run(deployment_name("retrain", name), event_id, wait_s)
     if run is None:
         logger.warning("no retrain run was scheduled for drift event %s within %.0f s: nothing to announce",
                        event_id, wait_s)

@@ -43,17 +43,18 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
 
 @task(task_run_name="{stage}")
 def run_stage(spec_file: str, overrides: list[str], pipeline: str, stage: str,
-              mlflow_run_id: str | None = None) -> dict:
+              mlflow_run_id: str | None = None, remote: bool = False) -> dict:
     """One stage, in a child process: the same function `llmops stage` and dvc.yaml call,
-    its MLflow run nested under the pipeline's. Returns its outputs and wall time."""
+    its MLflow run nested under the pipeline's (``remote``: on its pool of
+    deployments.stage_pools, flows/remote.py). Returns its outputs and wall time."""
     logger = get_run_logger()
     logger.info("stage %s: started", stage)
     started = time.perf_counter()
-    spec = load_spec(spec_file, overrides, pipeline)
-    if stage in spec.pipelines[pipeline].deployments.stage_pools:
+    if remote:
         from flows.remote import run_remote
         from prefect.runtime import flow_run
 
+        spec = load_spec(spec_file, overrides, pipeline)
         done = run_remote(spec, Path(spec_file).resolve().parent, spec_file, overrides, pipeline, stage,
                           mlflow_run_id, str(flow_run.id))
         summary, produced = done["summary"], done["outputs"]
@@ -90,6 +91,7 @@ def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None
         traffic = labelled_traffic(spec_file, name, overrides, from_traffic_hours)
         if traffic["folder"]:
             overrides.append(f"ingest.extra=[{traffic['folder']}]")
+            spec = load_spec(spec_file, overrides, name)  # the run's recorded spec says so too
     pipe = spec.pipelines[name]
     stages = select_stages(pipe.stages, start, until)
     run_id = start_pipeline_run(spec, root, name, source="prefect")
@@ -114,7 +116,8 @@ def pipeline_flow(spec_file: str = "pipelines.yaml", pipeline: str | None = None
                                            retry_delay_seconds=pipe.retry_delay_s)
             started = time.perf_counter()
             try:
-                outputs[stage] = shell(str(spec_file), overrides, name, stage, run_id)
+                outputs[stage] = shell(str(spec_file), overrides, name, stage, run_id,
+                                       stage in pipe.deployments.stage_pools)
             except Exception as exc:
                 # What ran, and how long, for the command's time table on a failed run too.
                 exc.stage_results = {**outputs, f"{stage} (failed)": {

@@ -14,15 +14,12 @@ from prefect import flow, get_run_logger
 
 from components import s3
 from components.base import StageError
+from flows.deployments import ENTRYPOINTS, deployment_name
 from llmops.runner import execute_stage_isolated, flow_setup, stage_dir
 from llmops.spec import Spec
 from llmops.stages import STAGES
 
-STAGE_FLOW = "llmops-stage"
-
-
-def deployment_name(pipeline: str, stage: str) -> str:
-    return f"{pipeline}-{stage}"
+STAGE_FLOW = ENTRYPOINTS["stage"][0]
 
 
 def inputs_of(spec: Spec, pipeline: str, stage: str) -> tuple[str, ...]:
@@ -41,7 +38,7 @@ def run_remote(spec: Spec, root: Path, spec_file: str, overrides: list[str], pip
     for name in inputs_of(spec, pipeline, stage):
         count = s3.upload_tree(stage_dir(spec, root, pipeline, name), f"{transfer}/{name}", endpoint)
         logger.info("stage %s: input %s uploaded to %s/%s (%d files)", stage, name, transfer, name, count)
-    target = f"{STAGE_FLOW}/{deployment_name(pipeline, stage)}"
+    target = deployment_name("stage", pipeline, stage)
     logger.info("stage %s: running %s on work pool %s", stage, target, pool)
     run = run_deployment(target, parameters={"spec_file": spec_file, "pipeline": pipeline, "stage": stage,
                                              "transfer": transfer, "overrides": overrides,

@@ -73,13 +73,11 @@ class S3Shipper:
     def __init__(self, uri: str, endpoint_url: str | None = None, every_s: float = 60.0):
         if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
             raise ValueError(f"serve.request_log.s3_uri: {uri!r} is not s3://bucket[/prefix]")
-        import boto3
-        from botocore.config import Config
+        from components.s3 import client
 
         self.uri, self.every_s = uri.rstrip("/"), every_s
         self.bucket, _, self.prefix = uri[5:].rstrip("/").partition("/")
-        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=Config(
-            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+        self.client = client(endpoint_url, attempts=2, read_timeout_s=30)
         self.uploaded = self.errors = 0
         self.last_error: str | None = None
 

@@ -140,13 +140,12 @@ def _records(path: Path, corrupt: list[str]) -> Iterator[tuple[int, dict]]:
 def _download(uri: str, into: Path, endpoint_url: str | None, oldest: str, pattern: re.Pattern) -> None:
     """Copy the files under ``s3://bucket/prefix`` whose names match ``pattern`` into
     ``into``, only those of hour ``oldest`` (``YYYYMMDDTHH``) and later ("": all)."""
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from components.s3 import client
+
     bucket, _, prefix = uri[5:].rstrip("/").partition("/")
-    s3 = boto3.client("s3", endpoint_url=endpoint_url or None, config=Config(
-        retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+    s3 = client(endpoint_url, attempts=2, read_timeout_s=30)
     try:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
         for page in pages:
