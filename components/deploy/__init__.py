@@ -1,0 +1,1 @@
+"""deploy: the champion goes live on the spec's target (components/deploy/settings.py)."""
