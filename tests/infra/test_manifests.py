@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
+from components.deploy import k8s
 from tests.conftest import REPO
 
 INFRA = REPO / "infra"
@@ -45,7 +46,7 @@ def manifests() -> list[tuple[str, dict]]:
 
 
 def k8s_schema(kind: str) -> dict:
-    return json.loads((INFRA / "schemas" / "k8s" / f"{kind.lower()}.json").read_text())
+    return k8s.schema(kind)
 
 
 def template(name: str) -> dict:
@@ -278,8 +279,7 @@ def test_feature_store_files_are_what_feast_accepts(store, kind, monkeypatch):
 def test_kubernetes_manifests_match_their_schemas():
     kinds = set()
     for name, doc in manifests():
-        validator = jsonschema.Draft202012Validator(k8s_schema(doc["kind"]))
-        assert [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)] == [], name
+        assert k8s.problems(doc) == [], name
         assert doc["metadata"]["namespace"] == "llmops"
         kinds.add(doc["kind"])
     assert kinds == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "HorizontalPodAutoscaler",
