@@ -32,6 +32,7 @@ def _fail(action: str, uri: str, exc: Exception) -> StageError:
 
 def upload_tree(folder: Path, uri: str, endpoint_url: str | None = None) -> int:
     """Copy every file under ``folder`` to ``uri`` keeping relative paths; returns the count."""
+    from boto3.exceptions import S3UploadFailedError  # what upload_file raises for a ClientError
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split(uri)
@@ -41,7 +42,7 @@ def upload_tree(folder: Path, uri: str, endpoint_url: str | None = None) -> int:
             key = "/".join(x for x in (prefix, path.relative_to(folder).as_posix()) if x)
             s3.upload_file(str(path), bucket, key)
             count += 1
-    except (BotoCoreError, ClientError) as exc:
+    except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
         raise _fail("cannot upload to", uri, exc) from None
     return count
 
