@@ -71,6 +71,10 @@ class KServeTarget(StrictModel):
     namespace: str = "llmops"
     storage_uri: str = Field("s3://llmops/models", pattern=r"^s3://[^/]+")  # merged weights go to <this>/<name>/<version>/
     service_account: str = "kserve-storage"  # holds the S3 credentials secret
+    # RawDeployment: a Deployment and Service, no Knative. Serverless (Knative) is the mode in
+    # which KServe splits traffic between revisions: strategy canary needs it. A service keeps
+    # the mode it was created in.
+    deployment_mode: Literal["RawDeployment", "Serverless"] = "RawDeployment"
     runtime_args: list[str] = []  # extra Hugging Face runtime arguments, e.g. --max_model_len=2048
     gpus: int = Field(1, ge=0)  # per replica; 0: CPU (the runtime's Hugging Face backend)
     cpu: str = "4"
