@@ -4,7 +4,9 @@ log of every move. One module for the ``promote`` stage and the ``llmops promote
 
 Aliases: ``challenger`` is the newest registered version (set by ``register``);
 ``champion`` is the version to serve; ``previous`` the champion before it, the target of
-a rollback; ``rolled_back`` the champion a rollback demoted.
+a rollback; ``rolled_back`` the champion a rollback demoted; ``deployed-<target>`` the version
+live on a deploy target (``deployed-local``: the endpoint of `llmops serve`), moved only by
+the deploy stage once that version answers there.
 
 Audit log: every alias move is a tag on the registered model, ``audit.<UTC time>.<alias>`` =
 JSON ``{"at", "by", "action", "alias", "from", "to", "why"}``, and the same tag on each
@@ -20,6 +22,7 @@ import os
 from datetime import datetime, timezone
 
 CHAMPION, PREVIOUS, CHALLENGER, ROLLED_BACK = "champion", "previous", "challenger", "rolled_back"
+DEPLOYED = "deployed"  # deployed-<target>: the version live there (components/deploy)
 AUDIT_PREFIX = "audit."
 GATE_STATUS_TAG, GATE_FAILED_TAG = "gates.status", "gates.failed"
 
@@ -95,6 +98,22 @@ def _move(c, name: str, alias: str, to: int | None, why: str, action: str, curre
     c.set_registered_model_tag(name, key, value)
     for v in {entry["from"], to} - {None}:
         c.set_model_version_tag(name, str(v), key, value)
+    return entry
+
+
+def deployed_alias(target: str) -> str:
+    """The alias naming the version live on a deploy target: ``deployed-local``, ..."""
+    return f"{DEPLOYED}-{target}"
+
+
+def record(c, name: str, alias: str, why: str, action: str) -> dict:
+    """An audit entry for a decision that moved nothing (e.g. a refused deploy): ``from`` and
+    ``to`` are where ``alias`` points and stays."""
+    current = aliases(c, name)
+    entry = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "by": actor(), "action": action,
+             "alias": alias, "from": current.get(alias), "to": current.get(alias), "why": why[:1000]}
+    key = f"{AUDIT_PREFIX}{entry['at'].replace(':', '').replace('+0000', 'Z')}.{alias}"
+    c.set_registered_model_tag(name, key, json.dumps(entry, sort_keys=True))
     return entry
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from components.base import Report
 
@@ -228,3 +228,29 @@ class PromotionReport(Report):
     champion_before: int | None
     failed_gates: list[str]
     moves: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class DeployCheck(BaseModel):
+    name: str
+    observed: float | None
+    threshold: float | None
+    op: str
+    passed: bool
+    detail: str = ""
+
+
+class DeployReport(Report):
+    """What the deploy stage did: the version, where, how, and every check with its numbers."""
+    model_name: str
+    version: int
+    target: str
+    strategy: str
+    outcome: Literal["deployed", "already live", "refused", "rolled back", "written", "failed"]
+    reason: str | None = None
+    previous: int | None = None  # the version live there before
+    url: str | None = None
+    started_endpoint: bool = False
+    checks: list[DeployCheck] = Field(default_factory=list)
+    numbers: dict[str, Any] = Field(default_factory=dict)  # smoke, shadow or canary figures
+    moves: list[dict[str, Any]] = Field(default_factory=list)
+    seconds: float = 0.0

@@ -21,8 +21,8 @@ from rich.table import Table
 
 from components.base import StageError
 from components.catalog import ModelError
-from llmops import (cli_data, cli_deploy, cli_models, cli_monitor, cli_serve, cli_stack,  # noqa: F401 - they
-                    cli_traffic)  # register their commands on the apps
+from llmops import (cli_data, cli_deploy, cli_models, cli_monitor, cli_release, cli_serve,  # noqa: F401 - they
+                    cli_stack, cli_traffic)  # register their commands on the apps
 from llmops.cli_common import (DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _check_services, _fail, _load, _root, app,
                                config_app, console, out, task_app)
 from llmops.spec import SpecError
@@ -92,7 +92,7 @@ def stage(
     started = time.perf_counter()
     try:
         with console.status(f"stage {name} ({pipe_name}) running..."):
-            result = execute_stage(spec, _root(file), pipe_name, name)
+            result = execute_stage(spec, _root(file), pipe_name, name, spec_file=file, overrides=overrides)
     except (StageError, ModelError) as exc:
         _fail(str(exc), code=1)
     _print_outputs(pipe_name, {name: {k: str(v) for k, v in result.outputs.items()}},
@@ -131,6 +131,15 @@ def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
         out.print(f"promote: version {done.version} {done.outcome}" + (f" ({moves})" if moves else "")
                   + (f"; failed gates: {', '.join(done.failed_gates)} (mode warn)" if done.failed_gates else ""),
                   highlight=False)
+    if (dep := report("deploy", reports.DeployReport)) is not None:
+        smoke = dep.numbers.get("smoke")
+        checked = (f"; smoke set: {smoke['n']} chats, valid {smoke['json_valid_rate']:.3f}, exact match "
+                   f"{smoke['exact_match']:.3f}, p95 {smoke['latency_p95_ms']} ms" if smoke else "")
+        out.print(f"deploy: {dep.model_name} version {dep.version} {dep.outcome} on {dep.target}"
+                  + (f" at {dep.url}" if dep.url else "") + f" ({dep.strategy}{checked})"
+                  + (f"; {dep.reason}" if dep.reason else "")
+                  + (f"; was version {dep.previous}" if dep.previous and dep.previous != dep.version else ""),
+                  highlight=False, soft_wrap=True)
 
 
 def _print_gates(report) -> None:

@@ -162,8 +162,11 @@ def rollback(
     file: SpecFile = Path(DEFAULT_SPEC),
     pipeline: PipelineOpt = None,
     model: ModelOpt = None,
+    no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Move the registry's aliases only; leave the "
+                                                                "endpoint as it is.")] = False,
 ) -> None:
-    """Make the previous champion champion again; the demoted one becomes rolled_back."""
+    """Make the previous champion champion again (the demoted one becomes rolled_back), and
+    put it live on the local endpoint (the deploy stage, strategy direct)."""
     from components import registry
 
     if not (reason or "").strip():
@@ -174,3 +177,7 @@ def rollback(
     except registry.RegistryError as exc:
         _fail(str(exc), code=1)
     _print_moves(moves)
+    if not no_deploy:
+        from llmops.cli_release import redeploy
+
+        redeploy(file, pipeline)

@@ -13,6 +13,8 @@ from llmops.cli_common import DEFAULT_SPEC, ModelOpt, PipelineOpt, SetOpt, SpecF
 
 @app.command()
 def serve(
+    action: Annotated[Optional[str], typer.Argument(
+        help="stop: stop the endpoint the deploy stage started in the background.")] = None,
     file: SpecFile = Path(DEFAULT_SPEC),
     pipeline: PipelineOpt = None,
     model: ModelOpt = None,
@@ -36,6 +38,11 @@ def serve(
     name, pipe = spec.pipeline(pipeline)
     cfg = pipe.serve
     root = _root(file)
+    if action is not None:
+        if action != "stop":
+            _fail(f"unknown action {action!r}: `llmops serve` serves; `llmops serve stop` stops the endpoint "
+                  "the deploy stage started")
+        return _stop(spec.state_dir(root), name)
     configure_environment(spec, root)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -43,7 +50,7 @@ def serve(
         keys = load_keys(cfg, root)
     except ValueError as exc:
         _fail(str(exc))
-    from serving.model import ModelRef, load_version
+    from serving.model import ModelRef
 
     if weights not in ("serving", "adapter"):
         _fail(f"--weights must be serving or adapter (got {weights!r})")
@@ -52,30 +59,25 @@ def serve(
     except ValueError as exc:
         _fail(f"--model {exc}")
     upstream = cfg.upstream.url is not None
+    from serving import slots
+
+    ctx = slots.Context(cfg, dict(spec.models), spec.state_dir(root), keys, None, None, None, None)
     try:
         with console.status(f"loading {ref}{' (its tokenizer)' if upstream else ''} ..."):
-            served = load_version(ref, spec.models, spec.state_dir(root), weights, tokenizer_only=upstream)
+            served = slots.load(str(ref), weights, ctx)
     except (RegistryError, ModelError) as exc:
         _fail(str(exc), code=1)
 
     import uvicorn
 
-    from serving.app import create_app
-    from serving.engine import Engine
+    from serving.quota import Quota
     from serving.records import RequestLog
+    from serving.rollout import Switchboard
+    from serving.shared import Metrics
 
     b = cfg.batching
-    if upstream:
-        from serving.upstream import UpstreamEngine
-
-        try:
-            engine = UpstreamEngine.from_spec(cfg.upstream, served.id, served.tokenizer, b.max_queue).start()
-        except ValueError as exc:
-            _fail(str(exc))
-        served.variant = "upstream"
-    else:
-        engine = Engine(served.tokenizer, served.model, b.max_batch_size, b.max_wait_ms, b.max_queue).start()
-    log = None
+    ctx.metrics = Metrics()
+    ctx.quota = Quota(cfg.rate_limits.requests_per_minute, cfg.rate_limits.tokens_per_minute)
     if cfg.request_log.enabled:
         folder = Path(cfg.request_log.folder) if cfg.request_log.folder else \
             spec.state_dir(root) / "serving" / "requests" / served.name
@@ -87,19 +89,25 @@ def serve(
                 shipper = S3Shipper(f"{cfg.request_log.s3_uri.rstrip('/')}/{served.name}",
                                     spec.services.storage.s3_endpoint_url, cfg.request_log.upload_every_s)
             except ValueError as exc:
-                engine.stop()
                 _fail(str(exc))
-        log = RequestLog(folder if folder.is_absolute() else root / folder, cfg.request_log.max_file_mib,
-                         cfg.request_log.max_queue, cfg.request_log.redact_pii, shipper)
-    triage = None
+        ctx.log = RequestLog(folder if folder.is_absolute() else root / folder, cfg.request_log.max_file_mib,
+                             cfg.request_log.max_queue, cfg.request_log.redact_pii, shipper)
+    log = ctx.log
     if cfg.triage:
-        from serving.triage import UNCONSTRAINED_UPSTREAM, open_triage
+        from serving.triage import open_triage
 
         with console.status("opening the feature store (starting the feature server if none runs) ..."):
-            triage = open_triage(served.manifest, pipe.features, (root / spec.services.feast.repo).resolve(),
-                                 spec.state_dir(root), name, dict(spec.models))
-            triage.constrain = cfg.constrain_answers
-    application = create_app(served, engine, cfg, keys, log, triage)
+            ctx.triage = open_triage(served.manifest, pipe.features, (root / spec.services.feast.repo).resolve(),
+                                     spec.state_dir(root), name, dict(spec.models))
+            ctx.triage.constrain = cfg.constrain_answers
+    triage = ctx.triage
+    try:
+        live = slots.build(served, ctx)
+    except ValueError as exc:
+        _fail(str(exc))
+    engine = live.engine
+    admin_key = os.environ.get(cfg.admin_key_env) or None
+    board = Switchboard(live, slots.loader(ctx, served.name), admin_key)
     bind_host, bind_port = host or cfg.host, port or cfg.port
     if upstream:
         console.print(f"serving {served.id} ({ref}) through {engine.where} (model {engine.model!r}, up to "
@@ -114,7 +122,12 @@ def serve(
                   + f"queue {b.max_queue}; request log: {log.folder if log else 'off'}"
                   f"{f' -> {log.shipper.uri}' if log and log.shipper else ''}",
                   highlight=False)
+    console.print(f"  http://{bind_host}:{bind_port}/admin/status  (rollouts: `llmops deploy`); admin calls "
+                  + (f"need ${cfg.admin_key_env}" if admin_key else f"from this machine only (${cfg.admin_key_env} "
+                                                                        "unset)"), highlight=False)
     if triage is not None:
+        from serving.triage import UNCONSTRAINED_UPSTREAM
+
         console.print(f"  http://{bind_host}:{bind_port}/v1/triage: "
                       + (f"[yellow]{triage.problem}[/yellow]" if triage.problem else
                          f"features and top-{triage.features.top_k} articles {triage.online.where}"
@@ -126,9 +139,11 @@ def serve(
     # server started for this endpoint stops) instead of the process dying mid-way.
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        uvicorn.run(application, host=bind_host, port=bind_port, log_level="warning", access_log=False)
+        uvicorn.run(board, host=bind_host, port=bind_port, log_level="warning", access_log=False)
     finally:
-        engine.stop()
+        for slot in (board.candidate, board.live):
+            if slot is not None:
+                slot.engine.stop()
         if log is not None:
             log.close()
         stopped = ""
@@ -137,9 +152,22 @@ def serve(
 
             featureserver.stop(spec.state_dir(root), name)
             stopped = "; the feature server it started stopped"
-        console.print(f"stopped serving {served.id}"
+        console.print(f"stopped serving {board.live.id}"
                       + (f"; request log: {log.written:,} written, {log.dropped:,} dropped" if log else "")
                       + stopped, highlight=False)
+
+
+def _stop(state_dir: Path, pipeline: str) -> None:
+    from components import background
+    from components.deploy.local import record_path
+
+    record = background.stop_recorded(record_path(state_dir, pipeline), timeout_s=60)
+    if record is None:
+        console.print(f"no endpoint of pipeline {pipeline} was started in the background (nothing to stop; one "
+                      "started with `llmops serve` stops with Ctrl-C)", highlight=False)
+        return
+    console.print(f"stopped the endpoint at {record['url']} (pid {record['pid']}, serving {record['model']} when it "
+                  f"started, {record['started']}); log: {record['log']}", highlight=False)
 
 
 def _terminated(signum, frame) -> None:

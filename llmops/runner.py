@@ -163,9 +163,12 @@ def _stage_run(spec: Spec, root: Path, pipeline: str, stage: str, parent_run_id:
 
 
 def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str,
-                  parent_run_id: str | None = None) -> StageResult:
+                  parent_run_id: str | None = None, spec_file: str | Path | None = None,
+                  overrides: list[str] | None = None) -> StageResult:
     """Run ``stage`` of ``pipeline`` inside its MLflow run; returns its result with paths in
-    the final folder. Raises StageError when an input stage has not produced its outputs."""
+    the final folder. Raises StageError when an input stage has not produced its outputs.
+    ``spec_file`` and ``overrides``: what ``spec`` was loaded from (a stage that starts a
+    process of the project, e.g. deploy's endpoint, starts it with the same spec)."""
     definition = STAGES[stage]
     _, pipe = spec.pipeline(pipeline)
     if stage not in pipe.stages:
@@ -190,7 +193,9 @@ def execute_stage(spec: Spec, root: Path, pipeline: str, stage: str,
                      feature_repo=(root / spec.services.feast.repo).resolve(), root=root,
                      context={"git_commit": run.data.tags["llmops.git_commit"],
                               "spec_sha256": run.data.tags["llmops.spec_sha256"], "mlflow_run_id": run.info.run_id,
-                              "mlflow_parent_run_id": parent_run_id})
+                              "mlflow_parent_run_id": parent_run_id,
+                              "spec_file": str(Path(spec_file).resolve() if spec_file else root / "pipelines.yaml"),
+                              "overrides": list(overrides or [])})
         try:
             result = _run_in_folder(definition, pipe.section(stage), io, partial, final)
         except StageError:
@@ -246,7 +251,8 @@ def execute_stage_isolated(spec_file: str, overrides: list[str], pipeline: str, 
 
 def _child(spec_file: str, overrides: list[str], pipeline: str, stage: str, parent_run_id: str | None) -> StageResult:
     spec = load_spec(spec_file, overrides, pipeline)
-    return execute_stage(spec, Path(spec_file).resolve().parent, pipeline, stage, parent_run_id=parent_run_id)
+    return execute_stage(spec, Path(spec_file).resolve().parent, pipeline, stage, parent_run_id=parent_run_id,
+                         spec_file=spec_file, overrides=overrides)
 
 
 def select_stages(stages: list[str], start: str | None, until: str | None) -> list[str]:

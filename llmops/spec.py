@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from components.base import StrictModel
 from components.catalog import ModelSource
 from components.compress import CompressSpec
+from components.deploy.settings import DeploySpec
 from components.evaluate import EvaluateSpec
 from components.featurestore import FeaturesSpec
 from components.finetune import FinetuneSpec
@@ -83,6 +84,7 @@ class PipelineSpec(StrictModel):
     gates: GatesSpec = GatesSpec()
     register_: RegisterSpec = Field(RegisterSpec(), alias="register")  # `register` is taken (ABC)
     promote: PromoteSpec = PromoteSpec()
+    deploy: DeploySpec = DeploySpec()
     serve: ServeSpec = ServeSpec()  # the endpoint (llmops serve); not a stage
     monitor: MonitorSpec = MonitorSpec()  # drift monitoring of the endpoint's traffic (llmops monitor)
     deployments: DeploymentsSpec = DeploymentsSpec()  # scheduled Prefect deployments (llmops deployments)

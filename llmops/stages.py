@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from components import (compress, evaluate, features, finetune, gates, ingest, prepare, promote, register,
-                        validate)
+from components import (compress, deploy, evaluate, features, finetune, gates, ingest, prepare, promote,
+                        register, validate)
 from components.base import StageIO, StageResult
 from components.task import AnswerSchema
 
@@ -98,6 +98,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("promote", promote.run, ("gates", "register"), promote.OUTPUTS,
           "champion <- the new version when every gate passed (previous <- the old champion); else stop",
           input_files={"gates": (METRICS_FILE,), "register": (METRICS_FILE,)}),
+    Stage("deploy", deploy.run, ("prepare", "promote"), deploy.OUTPUTS,
+          "the champion goes live on the target (local endpoint, KServe, SageMaker) after its golden prompt, "
+          "smoke set and (shadow/canary) live traffic pass; else the live version stays",
+          input_files={"prepare": ("test.jsonl",), "promote": (METRICS_FILE,)},
+          reads=("serve", "gates", "evaluate.max_new_tokens")),
 )}
 
 __all__ = ["STAGES", "Stage", "StageIO", "StageResult", "METRICS_FILE"]

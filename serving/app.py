@@ -47,40 +47,48 @@ from serving.shared import Metrics, Shared, check_quota, prompt_text, usage
 GOLDEN_RETRY_S = 5.0  # a remote engine that failed the golden prompt is asked again this often
 
 
-def golden_check(served: ServedModel, engine: BaseEngine, state: dict, timeout_s: float) -> bool:
+def golden_check(served: ServedModel, engine: BaseEngine, state: dict, timeout_s: float, constraint=None) -> bool:
     """Answer the version's golden example (the first validation chat) through the engine;
-    ready only when the answer is valid under the task's answer schema. False when no
-    answer came (worth asking again: a remote engine may come up)."""
+    ready only when the answer is valid under the task's answer schema. ``constraint``: the
+    triage route's answer constraint, when the endpoint decodes triage answers under it (the
+    golden answer is then decoded as /v1/triage would decode it). False when no answer came
+    (worth asking again: a remote engine may come up)."""
     golden = served.manifest.get("golden")  # None: a version registered before golden examples
     messages = golden["messages"] if golden else [{"role": "user", "content": "ping"}]
     text = prompt_text(messages, served.tokenizer) if engine.remote else None
     try:
         done = engine.complete(prompt_ids(messages, served.tokenizer), max_tokens=64, timeout_s=timeout_s,
-                               json_only=golden is not None, prompt=text)
+                               json_only=golden is not None, prompt=text,
+                               constraint=constraint if golden is not None else None)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the endpoint is not ready and says why
-        state.update(ready=False, reason=f"the golden prompt failed: {exc}")
+        state.update(ready=False, reason=f"the golden prompt failed: {exc}", checked=True)
         return False
     errors = served.schema.errors(done.text) if golden else ([] if done.text else ["empty"])
     if errors:
         state.update(ready=False, reason=f"the golden prompt's answer is not valid: {'; '.join(errors)} "
-                                         f"(answer: {done.text[:200]!r})")
+                                         f"(answer: {done.text[:200]!r})", checked=True)
     else:
-        state.update(ready=True, reason=None, golden_s=round(done.total_s, 3))
+        state.update(ready=True, reason=None, golden_s=round(done.total_s, 3), checked=True)
     return True
 
 
 def create_app(served: ServedModel, engine: BaseEngine, spec: ServeSpec, keys: dict[str, str] | None = None,
-               log: RequestLog | None = None, triage=None) -> FastAPI:
+               log: RequestLog | None = None, triage=None, metrics: Metrics | None = None,
+               quota: Quota | None = None) -> FastAPI:
     """The API around a loaded model and its running engine (in this process, or an
     upstream one: serving/upstream.py). ``keys``: key id -> secret; empty or None: no key
     needed. ``log``: where every request is recorded. On start-up the golden prompt is
     answered in the background: /ready says 503 until it is (a remote engine is asked again
-    every few seconds until it answers it)."""
+    every few seconds until it answers it). ``metrics`` and ``quota``: shared with the other
+    versions loaded in this process (serving/rollout.py); new ones when None. The golden
+    check's outcome is ``app.state.readiness`` (``checked``, ``ready``, ``reason``)."""
     state: dict[str, Any] = {"ready": False, "reason": "the golden prompt has not been answered yet"}
 
     async def check_golden() -> None:
-        while not await asyncio.to_thread(golden_check, served, engine, state, spec.limits.request_timeout_s) \
-                and engine.remote:
+        constraint = getattr(triage, "constraint", None) if triage is not None and triage.constrain \
+            and not engine.remote and triage.constraint_for == served.id else None
+        while not await asyncio.to_thread(golden_check, served, engine, state, spec.limits.request_timeout_s,
+                                          constraint) and engine.remote:
             await asyncio.sleep(GOLDEN_RETRY_S)
 
     @contextlib.asynccontextmanager
@@ -90,9 +98,10 @@ def create_app(served: ServedModel, engine: BaseEngine, spec: ServeSpec, keys: d
         task.cancel()
 
     app = FastAPI(title="llmops endpoint", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     cache = ResponseCache(spec.cache.max_entries, spec.cache.ttl_s)
-    quota = Quota(spec.rate_limits.requests_per_minute, spec.rate_limits.tokens_per_minute)
+    quota = quota or Quota(spec.rate_limits.requests_per_minute, spec.rate_limits.tokens_per_minute)
+    app.state.readiness = state
     engine.on_batch = lambda size, seconds: metrics.batch.observe(size)
     shared = Shared(served, engine, spec, metrics, cache, quota, log)
     names = shared.names

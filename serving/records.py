@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from cachetools import TTLCache
 
 from components.pii import redact_text
 
+# True while a request is a shadow copy (serving/rollout.py): its record is marked, and it
+# costs the caller no quota (serving/quota.py).
+MIRRORED: ContextVar[bool] = ContextVar("llmops_mirrored", default=False)
 
 class ResponseCache:
     """A bounded, expiring map from request keys to finished answers (thread-safe)."""
@@ -117,7 +121,10 @@ class RequestLog:
         self._thread.start()
 
     def append(self, record: dict) -> bool:
-        """Queue ``record``; False (and counted in ``dropped``) when the queue is full."""
+        """Queue ``record``; False (and counted in ``dropped``) when the queue is full. A
+        shadow copy's record (serving/rollout.py) is marked ``"shadow": true``."""
+        if MIRRORED.get():
+            record = record | {"shadow": True}
         try:
             self._queue.put_nowait(record)
             return True

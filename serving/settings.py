@@ -79,6 +79,12 @@ class UpstreamSpec(StrictModel):
         return name
 
 
+def _variable(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # not echoed: it may be a key
+        raise ValueError("must be the name of an environment variable (letters, digits, _), never the key itself")
+    return name
+
+
 class ServeSpec(StrictModel):
     host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set keys first
     port: int = Field(8000, ge=1, le=65535)
@@ -87,6 +93,9 @@ class ServeSpec(StrictModel):
     # or one per line in api_keys_file (kept out of git). None set: no key is needed.
     api_keys_env: str = "LLMOPS_API_KEYS"
     api_keys_file: str | None = None
+    # The admin routes (/admin/*: rollouts, serving/rollout.py) need this variable's key;
+    # unset: they answer calls from this machine only.
+    admin_key_env: str = "LLMOPS_ADMIN_KEY"
     triage: bool = True  # POST /v1/triage (needs the feature server: `llmops serve` starts one if none runs)
     constrain_answers: bool = True  # triage decodes only answers the task's schema allows
     batching: BatchingSpec = BatchingSpec()
@@ -95,6 +104,8 @@ class ServeSpec(StrictModel):
     cache: CacheSpec = CacheSpec()
     request_log: RequestLogSpec = RequestLogSpec()
     upstream: UpstreamSpec = UpstreamSpec()
+
+    _admin = field_validator("admin_key_env", "api_keys_env")(classmethod(lambda cls, v: _variable(v)))
 
 
 def parse_keys(text: str, where: str) -> dict[str, str]:

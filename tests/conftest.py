@@ -133,11 +133,17 @@ def run_cli(args: list[str], cwd: Path, check: bool = False, tool: str = "llmops
 # The small project the integration tests run: 300 tickets, fine-tuning to 2 steps of 2 chats
 # on the real base model, evaluation on 6 test chats, compression to the default variants
 # measured on 4 chats, probes from 1 test chat. Such a model cannot pass the shipped gates, so
-# promotion runs in warn mode (tests of enforcement set it back).
-SMALL = {"ingest.source.n_tickets": 300, "finetune.max_steps": 2, "finetune.batch_size": 2,
+# promotion runs in warn mode (tests of enforcement set it back); nor does it write valid
+# answers, so deploy's smoke set (4 chats) asks for none. The deploy stage, which leaves an
+# endpoint running, is left out: the shared run (pipeline_run) and the deploy tests add it
+# back with a port of their own and stop the endpoint.
+TRAINING = ["ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
+            "promote"]
+SMALL = {"stages": TRAINING, "ingest.source.n_tickets": 300, "finetune.max_steps": 2, "finetune.batch_size": 2,
          "finetune.eval_examples": 4, "finetune.eval_every": 2, "evaluate.max_examples": 6,
          "evaluate.latency_requests": 2, "compress.measure.examples": 4, "compress.measure.latency_requests": 2,
-         "compress.measure.forward_repeats": 2, "gates.probe_examples": 1, "promote.mode": "warn"}
+         "compress.measure.forward_repeats": 2, "gates.probe_examples": 1, "promote.mode": "warn",
+         "deploy.smoke.examples": 4, "deploy.smoke.min_valid_rate": 0.0}
 
 
 def set_keys(text: str, values: dict, pipeline: str = "support-triage") -> str:
@@ -263,6 +269,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Load:
+    """Steady load on an endpoint: ``clients`` threads, each sending ``chat`` (a chat
+    completions body; its message made unique per request) one after another until stopped;
+    every outcome kept: (client, started, ended, status, X-LLMOps-Model)."""
+
+    def __init__(self, url: str, chat: dict, clients: int = 4):
+        self.url, self.chat, self.results, self._stop = url, chat, [], threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        import httpx
+
+        with httpx.Client(timeout=60) as http:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                body = self.chat | {"messages": [{"role": "user", "content": f"ticket {i}-{n}: where is my invoice?"}]}
+                started = time.perf_counter()
+                try:
+                    r = http.post(f"{self.url}/v1/chat/completions", json=body)
+                    status, model = r.status_code, r.headers.get("x-llmops-model")
+                except httpx.HTTPError as exc:
+                    status, model = f"transport: {exc}", None
+                self.results.append((i, started, time.perf_counter(), status, model))
+
+    def wait_for(self, more: int, timeout_s: float = 60) -> None:
+        target, deadline = len(self.results) + more, time.monotonic() + timeout_s
+        while len(self.results) < target:
+            assert time.monotonic() < deadline, f"the load got {len(self.results)} of {target} answers"
+            time.sleep(0.05)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+    def per_client(self) -> list[list[str | None]]:
+        """Each client's answering versions, in the order it sent its requests."""
+        return [[r[4] for r in sorted((r for r in self.results if r[0] == c), key=lambda r: r[1])]
+                for c in range(len(self._threads))]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
@@ -401,15 +455,26 @@ class Run:
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory) -> Run:
-    """The whole default pipeline, once, as a user runs it."""
-    project = make_project(tmp_path_factory.mktemp("shared") / "project")
+    """The whole default pipeline, once, as a user runs it: it ends with the champion live on
+    an endpoint the deploy stage started (on a free port; stopped at the end of the session)."""
+    project = make_project(tmp_path_factory.mktemp("shared") / "project",
+                           {"stages": TRAINING + ["deploy"], "serve.port": free_port()})
     proc = run_cli(["run", *ENFORCE], cwd=project, **ENV)
-    return Run(project, proc.stdout, proc.stderr, proc.returncode)
+    try:
+        yield Run(project, proc.stdout, proc.stderr, proc.returncode)
+    finally:
+        run_cli(["serve", "stop"], cwd=project)
 
 
-def copy_project(run: Run, dest: Path) -> Path:
+def copy_project(run: Run, dest: Path, values: dict | None = None) -> Path:
     """A copy of the shared run's project (state and outputs included) to change freely.
     The copy's MLflow experiment keeps the original's artifact folder (an absolute URI):
-    new runs add their own artifacts there, nothing is overwritten."""
+    new runs add their own artifacts there, nothing is overwritten. The copy's pipeline has no
+    deploy stage and its endpoint port is free (``values`` may add either back): a run in it
+    never reaches the shared run's endpoint, whose record is not copied either."""
     shutil.copytree(run.project, dest, symlinks=True)
+    for record in (dest / ".llmops" / "serving").glob("endpoint-*.json"):
+        record.unlink()
+    spec = dest / "pipelines.yaml"
+    spec.write_text(set_keys(spec.read_text(), {"stages": TRAINING, "serve.port": free_port()} | (values or {})))
     return dest

@@ -25,7 +25,7 @@ class SmokeSpec(StrictModel):
     # The candidate's exact match on them may fall this far below the version's registered
     # evaluation (a small sample varies; a variant broken on this CPU scores near 0).
     exact_match_tolerance: float = Field(0.15, ge=0, le=1)
-    min_valid_rate: float = Field(0.95, ge=0, le=1)  # answers that are valid JSON under the task's schema
+    min_valid_rate: float = Field(0.9, ge=0, le=1)  # answers that are valid JSON under the task's schema
     p95_latency_ms: float | None = Field(None, gt=0)  # null: the gates' latency budget (gates.*.latency)
 
 
@@ -57,11 +57,7 @@ class LocalTarget(StrictModel):
     and port); started in the background when none runs."""
     url: str | None = None  # another running endpoint, e.g. http://10.0.0.5:8000; null: serve.host:serve.port
     start: bool = True  # no endpoint answering: start one (`llmops serve stop` stops it)
-    admin_key_env: str = "LLMOPS_ADMIN_KEY"  # its admin key (rollouts); unset: admin calls only from 127.0.0.1
     load_timeout_s: float = Field(900, gt=0)  # loading a version and its golden prompt
-    drain_timeout_s: float = Field(120, gt=0)  # requests in flight on the old version finish within this
-
-    _env = field_validator("admin_key_env")(classmethod(lambda cls, v: _env_name(v)))
 
 
 class KServeTarget(StrictModel):
@@ -96,7 +92,7 @@ class SageMakerTarget(StrictModel):
     role_arn_env: str = "LLMOPS_SAGEMAKER_ROLE_ARN"  # environment variable with the execution role's ARN
     instance_type: str = "ml.g5.xlarge"
     instance_count: int = Field(1, ge=1)
-    canary_percent: int = Field(10, ge=1, le=99)  # capacity that takes traffic first on an update
+    canary_percent: int = Field(10, ge=1, le=50)  # capacity that takes traffic first on an update
     canary_wait_s: int = Field(300, ge=0, le=3600)  # watched this long before the rest shifts
     termination_wait_s: int = Field(300, ge=0, le=3600)  # the old fleet is kept this long after
     alarms: list[str] = []  # extra CloudWatch alarms that roll an update back (5xx and latency ones are created)

@@ -34,6 +34,7 @@ class LogWindow:
     corrupt: list[str] = field(default_factory=list)  # "file:line: reason"
     other_versions: Counter = field(default_factory=Counter)
     other_routes: int = 0
+    shadow: int = 0  # a candidate's answers to copies of requests (deploy strategy shadow)
 
     @property
     def span(self) -> tuple[str | None, str | None]:
@@ -75,7 +76,9 @@ def _read(folder: Path, model: str | None, routes: list[str], last_requests: int
         window.files += 1
         kept = []
         for _, record in _records(path, window.corrupt):
-            if record.get("route") not in routes:
+            if record.get("shadow"):  # a candidate's answer to a copy (deploy strategy shadow): not served
+                window.shadow += 1
+            elif record.get("route") not in routes:
                 window.other_routes += 1
             elif model is not None and record.get("model") != model:
                 window.other_versions[str(record.get("model"))] += 1

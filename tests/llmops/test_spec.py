@@ -25,7 +25,7 @@ def test_shipped_spec_is_valid():
     name, pipe = spec.pipeline(None)
     assert name == "support-triage"
     assert pipe.stages == ["ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates",
-                           "register", "promote"]
+                           "register", "promote", "deploy"]
     assert spec.services.prefect.api_url is None  # ${PREFECT_API_URL:-} unset -> ephemeral
     assert set(spec.models) == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
 
