@@ -20,8 +20,9 @@ A request with ``X-LLMOps-Target: candidate`` (admin-authorised) is answered by 
 candidate: how the deploy stage sends its smoke set. Every answer carries
 ``X-LLMOps-Model: name/version``, the version that produced it.
 
-Admin calls need ``Authorization: Bearer <key>`` with the key in ``serve.admin_key_env``;
-without that variable they are accepted from this machine (127.0.0.1) only.
+Admin calls need the key in ``serve.admin_key_env``, as ``Authorization: Bearer <key>`` or
+``X-LLMOps-Admin-Key: <key>`` (the latter beside a request's own API key, for requests to
+the candidate); without that variable they are accepted from this machine (127.0.0.1) only.
 
 Shadow copies are answered after the live answer went out, cost the caller no quota, and
 are logged with ``"shadow": true`` (monitoring skips them). The switch is one assignment
@@ -42,7 +43,7 @@ from typing import Any, Awaitable, Callable
 from serving.records import MIRRORED
 
 ANSWER_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/triage")
-TARGET_HEADER, MODEL_HEADER = b"x-llmops-target", b"x-llmops-model"
+TARGET_HEADER, MODEL_HEADER, ADMIN_HEADER = b"x-llmops-target", b"x-llmops-model", b"x-llmops-admin-key"
 MAX_OBSERVATIONS = 20_000
 MAX_CAPTURE = 1 << 20  # bytes of an answer kept to judge it
 
@@ -237,10 +238,13 @@ class Switchboard:
     def _denied(self, scope) -> tuple[int, str] | None:
         headers = dict(scope.get("headers") or [])
         if self.admin_key:
-            given = headers.get(b"authorization", b"").decode(errors="replace")
-            given = given[7:].strip() if given.lower().startswith("bearer ") else ""
+            given = headers.get(ADMIN_HEADER, b"").decode(errors="replace").strip()
+            if not given:
+                bearer = headers.get(b"authorization", b"").decode(errors="replace")
+                given = bearer[7:].strip() if bearer.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.admin_key.encode()):
-                return 401, "admin calls need 'Authorization: Bearer <admin key>' (serve.admin_key_env)"
+                return 401, ("admin calls need the admin key (serve.admin_key_env) as 'Authorization: Bearer <key>' "
+                             "or 'X-LLMOps-Admin-Key: <key>'")
             return None
         host = (scope.get("client") or ("", 0))[0]
         if host not in ("127.0.0.1", "::1", "localhost"):

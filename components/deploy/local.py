@@ -95,19 +95,18 @@ class Endpoint:
                 return None
             raise
 
-    def chat(self, messages: list[dict], max_tokens: int, candidate: bool) -> dict:
+    def chat(self, model: str, messages: list[dict], max_tokens: int, candidate: bool) -> dict:
         """One smoke chat (greedy, JSON): status, answer text, latency as the client saw it, and
         the version that answered (X-LLMOps-Model)."""
-        headers = self._headers(False) | ({"X-LLMOps-Target": "candidate"} | self._headers(True) if candidate else {})
-        if candidate and self.admin_key and self.api_key:  # both keys: the API key rides in X-API-Key
-            headers = {"X-LLMOps-Target": "candidate", "Authorization": f"Bearer {self.admin_key}",
-                       "X-API-Key": self.api_key}
+        headers = self._headers(False)  # the request's own API key, as a client sends it
+        if candidate:
+            headers |= {"X-LLMOps-Target": "candidate"} | (
+                {"X-LLMOps-Admin-Key": self.admin_key} if self.admin_key else {})
         started = time.perf_counter()
         try:
             r = httpx.post(f"{self.url}/v1/chat/completions", headers=headers, timeout=self.timeout_s,
-                           json={"model": "any", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                                 "response_format": {"type": "json_object"}} | ({"model": self._model} if
-                                                                                 hasattr(self, "_model") else {}))
+                           json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                                 "response_format": {"type": "json_object"}})
         except httpx.TransportError as exc:
             return {"status": 0, "text": None, "latency_ms": 1000 * (time.perf_counter() - started),
                     "error": str(exc) or type(exc).__name__, "model": None}
@@ -123,10 +122,9 @@ def smoke(endpoint: Endpoint, model: str, examples: list[dict], schema, max_toke
     """Send each example's prompt to the endpoint (to the candidate when ``candidate``) one at
     a time; score the answers as the evaluate stage does. Returns n, failed, json_valid_rate,
     exact_match, p50/p95 latency (ms) and the first failures."""
-    endpoint._model = model  # type: ignore[attr-defined]
     answers, latencies, failures = [], [], []
     for i, example in enumerate(examples):
-        got = endpoint.chat(example["messages"][:-1], max_tokens, candidate)
+        got = endpoint.chat(model, example["messages"][:-1], max_tokens, candidate)
         if got["status"] != 200:
             failures.append(f"example {i}: {got['status']} {got['error']}")
         elif got["model"] != model:

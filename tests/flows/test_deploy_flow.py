@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -69,16 +70,14 @@ def test_rollouts_under_load_refuse_roll_back_and_switch_without_a_failed_reques
         with Load(url, CHAT, clients=3) as load:
             load.wait_for(6, timeout_s=120)
             # a candidate that answers no valid JSON (this small model) fails a smoke set that asks for it
-            refused = run_cli(["stage", "deploy", *ENFORCE, "--set", "deploy.smoke.min_valid_rate=0.5"], cwd=project, **ENV)
+            refused = run_cli(["stage", "deploy", *ENFORCE, "--set", "deploy.smoke.min_valid_rate=0.5"], cwd=project,
+                              **ENV)
             load.wait_for(3, timeout_s=120)
-            # a canary slower than a (deliberately tight) latency margin is rolled back
+            # a canary slower than a (deliberately tight) latency margin answers its share, then is rolled back
             canary = run_cli(["stage", "deploy", *ENFORCE, "--set", "deploy.strategy=canary", "--set",
                               "deploy.canary.share=0.5", "--set", "deploy.canary.min_requests=6", "--set",
                               "deploy.canary.max_p95_ratio=0.01"], cwd=project, **ENV)
-            assert live_model(url) == f"{NAME}/1"
-            # a shadow answering like the live version (the same weights), then live
-            shadow = run_cli(["stage", "deploy", *ENFORCE, "--set", "deploy.strategy=shadow", "--set",
-                              "deploy.shadow.requests=6"], cwd=project, **ENV)
+            rolled_back = time.perf_counter()
             load.wait_for(6, timeout_s=120)
         assert refused.returncode == 1
         assert "smoke answer validity: 0 >= 0.5 -> FAILED" in refused.stderr and "version 1 stays live" in \
@@ -86,9 +85,20 @@ def test_rollouts_under_load_refuse_roll_back_and_switch_without_a_failed_reques
         assert canary.returncode == 1 and f"{NAME} version 2 rolled back (local, canary)" in canary.stderr, \
             canary.stdout + canary.stderr
         assert "canary p95 latency ratio" in canary.stderr and "FAILED" in canary.stderr
+        assert [r for r in load.results if r[3] != 200] == [], "requests failed during the refusal and the canary"
+        assert sum(r[4] == f"{NAME}/2" for r in load.results) >= 6  # the canary's share
+        assert {r[4] for r in load.results if r[1] > rolled_back} == {f"{NAME}/1"}
+        assert live_model(url) == f"{NAME}/1"
+
+        with Load(url, CHAT, clients=3) as load:
+            load.wait_for(6, timeout_s=120)
+            # a shadow answering like the live version (the same weights), then live
+            shadow = run_cli(["stage", "deploy", *ENFORCE, "--set", "deploy.strategy=shadow", "--set",
+                              "deploy.shadow.requests=6"], cwd=project, **ENV)
+            load.wait_for(6, timeout_s=120)
         assert shadow.returncode == 0, shadow.stdout + shadow.stderr
         assert re.search(r"shadow answer agreement: [0-9.]+ >= 0.8 -> ok", shadow.stdout), shadow.stdout
-        assert [r for r in load.results if r[3] != 200] == [], "requests failed during the rollouts"
+        assert [r for r in load.results if r[3] != 200] == [], "requests failed during the shadow and the switch"
         for models in load.per_client():
             assert sum(a != b for a, b in zip(models, models[1:])) == 1, models  # 1 ... 1, 2 ... 2
             assert models[0] == f"{NAME}/1" and models[-1] == f"{NAME}/2"

@@ -33,7 +33,7 @@ def versions(tiny_run, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def endpoint(versions, triage=None, spec=None, admin_key=None, log=None):
+def endpoint(versions, triage=None, spec=None, admin_key=None, log=None, keys=None):
     """A live server whose app is the switchboard, serving version 1; (server, board)."""
     from serving import slots
     from serving.quota import Quota
@@ -43,7 +43,7 @@ def endpoint(versions, triage=None, spec=None, admin_key=None, log=None):
 
     spec = spec or ServeSpec()
     with sqlite_registry(versions["work"]):
-        ctx = slots.Context(spec, {}, versions["state"], {}, log, triage, Metrics(),
+        ctx = slots.Context(spec, {}, versions["state"], keys or {}, log, triage, Metrics(),
                             Quota(spec.rate_limits.requests_per_minute, spec.rate_limits.tokens_per_minute))
         board = Switchboard(slots.build(slots.load(f"{NAME}/1", "serving", ctx), ctx), slots.loader(ctx, NAME),
                             admin_key, seed=7)
@@ -190,3 +190,19 @@ def test_admin_routes_need_the_admin_key_when_one_is_set(versions):
     assert right.status_code == 200 and right.json()["live"]["model"] == f"{NAME}/1"
     assert candidate.status_code == 401
     assert unknown.status_code == 404 and no_candidate.status_code == 409
+
+
+def test_with_api_keys_the_candidate_is_reached_with_both_keys(versions, triage):
+    from components.deploy.local import Endpoint
+
+    admin_key, api_key = "admin-key-0123456789abcdef", "client-key-0123456789abcdef"
+    with endpoint(versions, triage=triage, admin_key=admin_key, keys={"smoke": api_key}) as (server, board):
+        client = Endpoint(server.url, admin_key, api_key)
+        client.admin("POST", "candidate", {"model": f"{NAME}/2"})
+        hi = [{"role": "user", "content": "hi"}]
+        candidate = client.chat(f"{NAME}/2", hi, 4, candidate=True)
+        live = client.chat(NAME, hi, 4, candidate=False)
+        keyless = Endpoint(server.url, admin_key, None).chat(f"{NAME}/2", hi, 4, candidate=True)
+    assert (candidate["status"], candidate["model"]) == (200, f"{NAME}/2"), candidate
+    assert (live["status"], live["model"]) == (200, f"{NAME}/1"), live
+    assert keyless["status"] == 401 and "missing API key" in keyless["error"]
