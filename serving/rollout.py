@@ -376,7 +376,9 @@ async def _release(slot: Slot) -> None:
     if slot.lifespan is not None:
         await slot.lifespan.stop()
     await asyncio.to_thread(slot.engine.stop)
-    slot.served.model = None  # the weights go with the last reference
+    slot.served.model = None  # the weights go with the last references
+    if hasattr(slot.engine, "model"):
+        slot.engine.model = None
 
 
 async def _read_body(receive) -> bytes:

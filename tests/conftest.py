@@ -22,7 +22,7 @@ from components import generate
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Files a project copy needs: the spec, the DVC pipeline, and the code DVC tracks as deps.
-PROJECT_FILES = ("pipelines.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "components", "feature_repo")
+PROJECT_FILES = ("pipelines.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "components", "serving", "feature_repo")
 
 
 @contextlib.contextmanager

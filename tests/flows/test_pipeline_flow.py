@@ -20,7 +20,7 @@ from tests.conftest import copy_project
 
 pytestmark = pytest.mark.integration
 STAGES = ("ingest", "validate", "features", "prepare", "finetune", "evaluate", "compress", "gates", "register",
-          "promote")
+          "promote", "deploy")  # the shared run's stages (it adds deploy to the small project's)
 LORA_PER_BLOCK = 16 * (2 * 576 + 2 * (576 + 192) + 2 * 576 + 3 * (576 + 1536))  # r x (in + out) of 7 linears
 
 
