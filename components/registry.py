@@ -138,18 +138,25 @@ def promote(c, name: str, number: int, why: str, action: str = "promote") -> lis
     return moves
 
 
-def rollback(c, name: str, why: str) -> list[dict]:
+def rollback(c, name: str, why: str, live: str | None = None) -> list[dict]:
     """``champion`` -> the ``previous`` version; the demoted one gets ``rolled_back``;
     ``previous`` moves one step further back in the audit log (to the champion the restored
-    version had replaced), or is removed when there is none. RegistryError when there is
-    no previous champion (nothing changes)."""
+    version had replaced), or is removed when there is none. ``live``: a ``deployed-<target>``
+    alias; when the champion never went live there (its deploy was refused), the version
+    live there is restored instead (what serves traffic is what a rollback returns to).
+    RegistryError when there is no version to roll back to (nothing changes)."""
     if not why.strip():
         raise RegistryError("a rollback needs a reason (it is recorded in the audit log)")
     current = aliases(c, name)
-    if PREVIOUS not in current:
+    serving = current.get(live) if live else None
+    if serving is not None and CHAMPION in current and serving != current[CHAMPION]:
+        restored = serving
+    elif PREVIOUS not in current:
         raise RegistryError(f"{name} has no previous champion to roll back to "
                             f"(aliases: {', '.join(f'{a}={v}' for a, v in sorted(current.items())) or 'none'})")
-    restored, demoted = current[PREVIOUS], current.get(CHAMPION)
+    else:
+        restored = current[PREVIOUS]
+    demoted = current.get(CHAMPION)
     version(c, name, restored)
     older = next((e["from"] for e in reversed(audit_log(c, name))
                   if e["alias"] == CHAMPION and e["to"] == restored and e["from"] not in (None, restored, demoted)),

@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from components.catalog import ModelError
-from llmops.cli_common import DEFAULT_SPEC, PipelineOpt, SpecFile, _fail, _load, _root, app, console, models_app, out
+from llmops.cli_common import (DEFAULT_SPEC, PipelineOpt, SetOpt, SpecFile, _fail, _load, _root, app, console,
+                               models_app, out)
 
 
 # ---------------------------------------------------------------- models
@@ -164,20 +165,26 @@ def rollback(
     model: ModelOpt = None,
     no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Move the registry's aliases only; leave the "
                                                                 "endpoint as it is.")] = False,
+    overrides: SetOpt = None,
 ) -> None:
     """Make the previous champion champion again (the demoted one becomes rolled_back), and
-    put it live on the local endpoint (the deploy stage, strategy direct)."""
+    put it live on the local endpoint (the deploy stage, strategy direct). A champion that
+    never went live (its deploy was refused) is rolled back to the version that is live."""
     from components import registry
 
     if not (reason or "").strip():
         _fail("--reason is required: say why (it is recorded in the registry's audit log)")
     client, name = _registry(file, pipeline, model)
+    pipe = _load(file, None, pipeline).pipeline(pipeline)[1]
+    live = registry.deployed_alias(pipe.deploy.target)
     try:
-        moves = registry.rollback(client, name, reason)
+        deployed = live in registry.aliases(client, name)
+        moves = registry.rollback(client, name, reason, live=live)
     except registry.RegistryError as exc:
         _fail(str(exc), code=1)
     _print_moves(moves)
-    if not no_deploy:
+    # the endpoint follows when this pipeline's model has been deployed locally before
+    if not no_deploy and deployed and name == pipe.register_.model_name:
         from llmops.cli_release import redeploy
 
-        redeploy(file, pipeline)
+        redeploy(file, pipeline, overrides)

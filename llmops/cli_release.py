@@ -49,17 +49,21 @@ def deploy_status(
         if alias in current:
             out.print(f"  {target}: version {current[alias]} live since {moved['at'] if moved else '?'} "
                       f"(by {moved['by'] if moved else '?'})", highlight=False)
+    champion, live_local = current.get(registry.CHAMPION), current.get(registry.deployed_alias("local"))
+    if champion is not None and pipe.deploy.target == "local" and champion != live_local:
+        out.print(f"  champion {champion} is not live on local (see the last attempts below; `llmops stage deploy` "
+                  "deploys it)", highlight=False)
+    from components import background
+
     serve = pipe.serve
+    started = background.read_record(record_path(spec.state_dir(root), name))
     host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
-    url = (pipe.deploy.local.url or f"http://{host}:{serve.port}").rstrip("/")
+    url = started["url"] if started else (pipe.deploy.local.url or f"http://{host}:{serve.port}").rstrip("/")
     try:
         status = Endpoint(url, os.environ.get(serve.admin_key_env) or None).status()
     except EndpointError as exc:
         status = None
         out.print(f"  endpoint {url}: {exc}", highlight=False)
-    from components import background
-
-    started = background.read_record(record_path(spec.state_dir(root), name))
     if status is None:
         out.print(f"  endpoint {url}: not answering", highlight=False)
     else:
@@ -82,14 +86,14 @@ def deploy_status(
                   + (f": {row['reason']}" if row.get("reason") else ""), highlight=False)
 
 
-def redeploy(file: Path, pipeline: str | None) -> None:
+def redeploy(file: Path, pipeline: str | None, overrides: list[str] | None = None) -> None:
     """After a rollback: the deploy stage (strategy direct) puts the restored champion live on
     the local endpoint, when one answers there or the pipeline has deployed before."""
     from components.base import StageError
     from components.catalog import ModelError
     from llmops.runner import configure_environment, execute_stage
 
-    overrides = ["deploy.strategy=direct"]
+    overrides = [*(overrides or []), "deploy.strategy=direct"]
     spec = _load(file, overrides, pipeline)
     name, pipe = spec.pipeline(pipeline)
     if "deploy" not in pipe.stages or pipe.deploy.target != "local":

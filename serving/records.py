@@ -33,9 +33,10 @@ from cachetools import TTLCache
 
 from components.pii import redact_text
 
-# True while a request is a shadow copy (serving/rollout.py): its record is marked, and it
-# costs the caller no quota (serving/quota.py).
-MIRRORED: ContextVar[bool] = ContextVar("llmops_mirrored", default=False)
+# Set while a request is not a client's own (serving/rollout.py): "shadow" (a candidate's copy
+# of a live request) or "smoke" (the deploy stage's smoke set). Its record is marked with that
+# key (``"shadow": true``), monitoring skips it, and it costs no quota (serving/quota.py).
+SYNTHETIC: ContextVar[str | None] = ContextVar("llmops_synthetic", default=None)
 
 class ResponseCache:
     """A bounded, expiring map from request keys to finished answers (thread-safe)."""
@@ -122,9 +123,9 @@ class RequestLog:
 
     def append(self, record: dict) -> bool:
         """Queue ``record``; False (and counted in ``dropped``) when the queue is full. A
-        shadow copy's record (serving/rollout.py) is marked ``"shadow": true``."""
-        if MIRRORED.get():
-            record = record | {"shadow": True}
+        request that is not a client's own is marked (``"shadow": true``, ``"smoke": true``)."""
+        if tag := SYNTHETIC.get():
+            record = record | {tag: True}
         try:
             self._queue.put_nowait(record)
             return True

@@ -17,7 +17,9 @@ requests, and then made live in one step or discarded. The deploy stage
                                 version finishes the requests it holds, then is unloaded
 
 A request with ``X-LLMOps-Target: candidate`` (admin-authorised) is answered by the
-candidate: how the deploy stage sends its smoke set. Every answer carries
+candidate: how the deploy stage sends its smoke set, with ``X-LLMOps-Probe: smoke`` (also on
+a smoke set sent to the live version) so those requests are logged as ``"smoke": true`` and
+skipped by monitoring, like shadow copies. Every answer carries
 ``X-LLMOps-Model: name/version``, the version that produced it.
 
 Admin calls need the key in ``serve.admin_key_env``, as ``Authorization: Bearer <key>`` or
@@ -40,10 +42,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from serving.records import MIRRORED
+from serving.records import SYNTHETIC
 
 ANSWER_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/triage")
 TARGET_HEADER, MODEL_HEADER, ADMIN_HEADER = b"x-llmops-target", b"x-llmops-model", b"x-llmops-admin-key"
+PROBE_HEADER = b"x-llmops-probe"  # "smoke": a deploy's smoke request (logged as such, no quota)
 MAX_OBSERVATIONS = 20_000
 MAX_CAPTURE = 1 << 20  # bytes of an answer kept to judge it
 
@@ -148,12 +151,8 @@ class Switchboard:
         if path.startswith("/admin/"):
             return await self._admin(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if headers.get(TARGET_HEADER) == b"candidate":
-            problem = self._denied(scope) or (None if self.candidate else (404, "no candidate is loaded"))
-            if problem:
-                return await _json(send, problem[0], {"error": {"message": problem[1], "type": "admin_error"}})
-            await self._run(self.candidate, scope, receive, send)
-            return None
+        if TARGET_HEADER in headers or PROBE_HEADER in headers:
+            return await self._admitted(scope, receive, send, headers)
         answering = scope["method"] == "POST" and path in ANSWER_ROUTES
         candidate = self.candidate
         if answering and candidate is not None and self.mode == "canary":
@@ -168,6 +167,29 @@ class Switchboard:
                 self._spawn(self._shadow(candidate, scope, body, live))
             return None
         await self._run(self.live, scope, receive, send)
+        return None
+
+    async def _admitted(self, scope, receive, send, headers: dict) -> None:
+        """A request the deploy stage sends (admin-authorised): to the candidate
+        (``X-LLMOps-Target: candidate``) or the live version, marked as a smoke test
+        (``X-LLMOps-Probe: smoke``) so that it is logged as one and costs no quota."""
+        target, probe = headers.get(TARGET_HEADER), headers.get(PROBE_HEADER)
+        problem = self._denied(scope)
+        if problem is None and target not in (None, b"candidate", b"live"):
+            problem = 400, f"{TARGET_HEADER.decode()} must be candidate or live"
+        if problem is None and probe not in (None, b"smoke"):
+            problem = 400, f"{PROBE_HEADER.decode()} must be smoke"
+        slot = self.candidate if target == b"candidate" else self.live
+        if problem is None and slot is None:
+            problem = 404, "no candidate is loaded"
+        if problem:
+            return await _json(send, problem[0], {"error": {"message": problem[1], "type": "admin_error"}})
+        token = SYNTHETIC.set("smoke") if probe else None
+        try:
+            await self._run(slot, scope, receive, send)
+        finally:
+            if token is not None:
+                SYNTHETIC.reset(token)
         return None
 
     async def _run(self, slot: Slot, scope, receive, send, capture: bool = False) -> Outcome:
@@ -200,11 +222,11 @@ class Switchboard:
     async def _shadow(self, candidate: Slot, scope, body: bytes, live: Outcome) -> None:
         """The candidate answers a copy of a request the live version answered; both outcomes
         are kept side by side. The caller never sees it and is not charged for it."""
-        token = MIRRORED.set(True)
+        token = SYNTHETIC.set("shadow")
         try:
             copy = await self._run(candidate, scope, _replay(body), None, capture=True)
         finally:
-            MIRRORED.reset(token)
+            SYNTHETIC.reset(token)
         if self.candidate is candidate and self.mode == "shadow":
             self._observe({"route": scope["path"], "live": live.judge(), "candidate": copy.judge()})
 
@@ -257,7 +279,7 @@ class Switchboard:
             return await _json(send, problem[0], {"error": {"message": problem[1], "type": "admin_error"}})
         route, method = scope["path"], scope["method"]
         try:
-            body = json.loads(await _read_body(receive) or b"{}") if method in ("POST", "PUT") else {}
+            body = json.loads(await _read_body(receive) or b"{}") if method in ("POST", "PUT", "DELETE") else {}
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as exc:

@@ -471,10 +471,11 @@ def copy_project(run: Run, dest: Path, values: dict | None = None) -> Path:
     The copy's MLflow experiment keeps the original's artifact folder (an absolute URI):
     new runs add their own artifacts there, nothing is overwritten. The copy's pipeline has no
     deploy stage and its endpoint port is free (``values`` may add either back): a run in it
-    never reaches the shared run's endpoint, whose record is not copied either."""
+    never reaches the shared run's endpoint, whose record and request log are not copied either."""
     shutil.copytree(run.project, dest, symlinks=True)
     for record in (dest / ".llmops" / "serving").glob("endpoint-*.json"):
         record.unlink()
+    shutil.rmtree(dest / ".llmops" / "serving" / "requests", ignore_errors=True)  # the shared endpoint's traffic
     spec = dest / "pipelines.yaml"
     spec.write_text(set_keys(spec.read_text(), {"stages": TRAINING, "serve.port": free_port()} | (values or {})))
     return dest

@@ -98,10 +98,9 @@ class Endpoint:
     def chat(self, model: str, messages: list[dict], max_tokens: int, candidate: bool) -> dict:
         """One smoke chat (greedy, JSON): status, answer text, latency as the client saw it, and
         the version that answered (X-LLMOps-Model)."""
-        headers = self._headers(False)  # the request's own API key, as a client sends it
-        if candidate:
-            headers |= {"X-LLMOps-Target": "candidate"} | (
-                {"X-LLMOps-Admin-Key": self.admin_key} if self.admin_key else {})
+        headers = self._headers(False) | {"X-LLMOps-Probe": "smoke"}  # the request's own API key, as a client
+        headers |= {"X-LLMOps-Target": "candidate" if candidate else "live"} | (  # sends it; the admin key beside
+            {"X-LLMOps-Admin-Key": self.admin_key} if self.admin_key else {})
         started = time.perf_counter()
         try:
             r = httpx.post(f"{self.url}/v1/chat/completions", headers=headers, timeout=self.timeout_s,

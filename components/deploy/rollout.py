@@ -39,6 +39,7 @@ def deploy_local(cfg: DeploySpec, io: StageIO, name: str, attempt: Attempt, prog
         raise StageError(str(exc)) from None
     endpoint = Endpoint(url, os.environ.get(serve.admin_key_env) or None, next(iter(keys.values()), None),
                         timeout_s=serve.limits.request_timeout_s + 10)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one download, no bar in the log
     _, folder = fetch(_ref(name, attempt.version), io.state_dir / "serving" / "versions")
     manifest = json.loads((folder / "llmops-model.json").read_text())
     schema = AnswerSchema(manifest["answer_schema"]["schema"], manifest["answer_schema"].get("ordered"))
@@ -100,7 +101,7 @@ def deploy_local(cfg: DeploySpec, io: StageIO, name: str, attempt: Attempt, prog
         switched = endpoint.admin("POST", "switch", {"model": model})
     except BaseException:
         try:
-            endpoint.admin("DELETE", "candidate")
+            endpoint.admin("DELETE", "candidate", {"reason": attempt.reason or "the deploy stage stopped"})
         except EndpointError:
             pass  # already gone (or the endpoint itself is): nothing switched either way
         raise

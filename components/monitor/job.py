@@ -97,7 +97,7 @@ def run(cfg: MonitorSpec, served: Served, log_source: str, out: Path, artifacts_
         "window": {"source": window.source, "requests": len(window.records), "first": first, "last": last,
                    "files": window.files, "corrupt_lines": len(window.corrupt), "corrupt_examples": window.corrupt[:5],
                    "other_versions": dict(window.other_versions), "other_routes": window.other_routes,
-                   "shadow": window.shadow},
+                   "synthetic": window.synthetic},
         "reference": {"split": ref.split, "sha256": ref.sha256, "prompts": len(ref.prompts), "path": str(ref.path),
                       "found_at": ref.found_at},
         "signals": [r.dict() for r in results],

@@ -34,7 +34,7 @@ class LogWindow:
     corrupt: list[str] = field(default_factory=list)  # "file:line: reason"
     other_versions: Counter = field(default_factory=Counter)
     other_routes: int = 0
-    shadow: int = 0  # a candidate's answers to copies of requests (deploy strategy shadow)
+    synthetic: int = 0  # a deploy's requests: shadow copies and smoke tests (serving/rollout.py)
 
     @property
     def span(self) -> tuple[str | None, str | None]:
@@ -76,8 +76,8 @@ def _read(folder: Path, model: str | None, routes: list[str], last_requests: int
         window.files += 1
         kept = []
         for _, record in _records(path, window.corrupt):
-            if record.get("shadow"):  # a candidate's answer to a copy (deploy strategy shadow): not served
-                window.shadow += 1
+            if record.get("shadow") or record.get("smoke"):  # a deploy's: a candidate's copy, a smoke test
+                window.synthetic += 1
             elif record.get("route") not in routes:
                 window.other_routes += 1
             elif model is not None and record.get("model") != model:

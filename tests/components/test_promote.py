@@ -133,6 +133,24 @@ def test_rollback_steps_back_through_the_audit_log(tiny_run, store, tmp_path):
         "rolled back: latency regression in production", "rolled back: still bad"]
 
 
+def test_a_champion_that_never_went_live_rolls_back_to_the_live_version(tiny_run, store, tmp_path):
+    client = mlflow.MlflowClient()
+    for i in range(3):
+        new_version(tiny_run, tmp_path / str(i), "passed")
+        registry.promote(client, NAME, i + 1, f"release {i + 1}")
+        if i == 0:
+            registry.move(client, NAME, "deployed-local", 1, "live", "deploy")
+    # 2 and 3 were promoted, but their deploys were refused: version 1 is what serves traffic
+    moves = registry.rollback(client, NAME, "3 never went live", live="deployed-local")
+    assert [(m["alias"], m["from"], m["to"]) for m in moves][:2] == [("champion", 3, 1), ("rolled_back", None, 3)]
+    assert registry.aliases(client, NAME)["champion"] == 1
+    # once the champion is live, a rollback goes to the previous champion as before
+    registry.promote(client, NAME, 3, "release 3 again")
+    registry.move(client, NAME, "deployed-local", 3, "live", "deploy")
+    registry.rollback(client, NAME, "3 is bad after all", live="deployed-local")
+    assert registry.aliases(client, NAME)["champion"] == 1
+
+
 def test_unknown_version_and_missing_reason_change_nothing(tiny_run, store, tmp_path):
     client = mlflow.MlflowClient()
     new_version(tiny_run, tmp_path / "a", "passed")

@@ -33,7 +33,7 @@ def aliases(project) -> dict[str, int]:
 
 
 def test_the_first_run_became_champion(pipeline_run):
-    assert aliases(pipeline_run.project) == {"champion": 1}
+    assert aliases(pipeline_run.project) == {"champion": 1, "deployed-local": 1}  # the run's deploy stage
     v1 = client_of(pipeline_run.project).get_model_version("support-triage", "1")
     assert (v1.tags["gates.status"], v1.tags["promotion"]) == ("passed", "promoted")
 
@@ -50,7 +50,7 @@ def test_a_weak_run_fails_its_gates_and_changes_nothing(weak_run):
             "champion v1 unchanged") in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "gates: failed (compared with champion v1)" in proc.stdout  # the table, before the error
-    assert aliases(project) == {"champion": 1, "challenger": 2}
+    assert aliases(project) == {"champion": 1, "challenger": 2, "deployed-local": 1}
     v2 = client.get_model_version("support-triage", "2")
     assert (v2.tags["gates.status"], v2.tags["gates.failed"], v2.tags["promotion"]) == ("failed", "perplexity",
                                                                                         "refused")
@@ -71,16 +71,16 @@ def test_forcing_needs_a_reason_and_rollback_restores(weak_run, tmp_path):
     project = weak_run[0]
     forced = run_cli(["promote", "2", "--force"], cwd=project, **ENV)
     assert forced.returncode == 2 and "--force needs --reason" in forced.stderr
-    assert aliases(project) == {"champion": 1, "challenger": 2}
+    assert aliases(project) == {"champion": 1, "challenger": 2, "deployed-local": 1}
     refused = run_cli(["promote", "2", "--reason", "try it"], cwd=project, **ENV)
     assert refused.returncode == 1 and "gates failed (perplexity); not promoted" in refused.stderr
     forced = run_cli(["promote", "2", "--force", "--reason", "trying the 1-step model"], cwd=project, **ENV)
     assert forced.returncode == 0, forced.stderr
-    assert aliases(project) == {"champion": 2, "previous": 1}
+    assert aliases(project) == {"champion": 2, "previous": 1, "deployed-local": 1}
     back = run_cli(["rollback", "--reason", "perplexity regression"], cwd=project, **ENV)
     assert back.returncode == 0, back.stderr
     assert "@champion: 2 -> 1  by release-bot" in back.stdout
-    assert aliases(project) == {"champion": 1, "rolled_back": 2}
+    assert aliases(project) == {"champion": 1, "rolled_back": 2, "deployed-local": 1}
     listing = run_cli(["models", "list"], cwd=project, **ENV)
     assert listing.returncode == 0, listing.stderr
     rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines() if line.count("│") > 5}

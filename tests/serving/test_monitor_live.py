@@ -6,6 +6,7 @@ cooldown, with a Prefect event."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,19 @@ def monitor_here(project: Path, log: Path, last: int) -> tuple[dict, dict]:
         return monitor_once(spec, project, "support-triage", f"{DRIFT}@champion", say=lambda line: None)
 
 
+def drift_events(prefect_server: str, timeout_s: float = 60) -> list[dict]:
+    """The server's llmops.drift events of drift-triage/1, once there are any: the server
+    stores events in the background, a moment after it accepted them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = httpx.post(f"{prefect_server}/events/filter",
+                            json={"filter": {"event": {"prefix": ["llmops.drift"]}}}, timeout=30)
+        found = [e for e in events.json()["events"] if e["payload"].get("model") == f"{DRIFT}/1"]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
 def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(drift_traffic, feature_project, prefect_server,
                                                                   webhook, smtp, monkeypatch):
     url, received = webhook
@@ -65,8 +79,7 @@ def test_shifted_traffic_alerts_once_on_webhook_smtp_and_prefect(drift_traffic, 
     assert len(inbox) == 1 and f"{DRIFT}/1: drift detected" in inbox[0]["Subject"]
     assert "unseen_words" in inbox[0].get_payload()
 
-    events = httpx.post(f"{prefect_server}/events/filter", json={"filter": {"event": {"prefix": ["llmops.drift"]}}})
-    [event] = [e for e in events.json()["events"] if e["payload"].get("model") == f"{DRIFT}/1"]
+    [event] = drift_events(prefect_server)
     assert event["event"] == "llmops.drift.detected" and event["resource"]["prefect.resource.id"] == f"llmops.model.{DRIFT}"
     assert {s["name"] for s in event["payload"]["signals"]} == set(drifted)
 

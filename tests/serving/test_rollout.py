@@ -142,6 +142,11 @@ def test_shadow_copies_are_answered_by_the_candidate_never_returned_and_cost_no_
         while len(board.observations) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
         observed = admin(server, "GET", "observations").json()
+        # the deploy stage's smoke requests: answered, marked, free of quota (8 a minute, 6 used)
+        from components.deploy.local import Endpoint
+
+        smoke = [Endpoint(server.url).chat(NAME, [{"role": "user", "content": f"smoke {i}"}], 4, candidate=False)
+                 for i in range(4)]
     log.close()
     assert [a.status_code for a in answers] == [200] * 6
     assert {a.headers["x-llmops-model"] for a in answers} == {f"{NAME}/1"}  # the copy's answer never returned
@@ -154,7 +159,9 @@ def test_shadow_copies_are_answered_by_the_candidate_never_returned_and_cost_no_
     assert all(p["live"]["text"] == p["candidate"]["text"] and p["live"]["text"] for p in pairs)
     records = [json.loads(line) for f in sorted((tmp_path / "requests").glob("*.jsonl"))
                for line in f.read_text().splitlines()]
-    assert sum(bool(r.get("shadow")) for r in records) == 6 and sum(not r.get("shadow") for r in records) == 6
+    assert [r["status"] for r in smoke] == [200] * 4
+    assert sum(bool(r.get("shadow")) for r in records) == 6 and sum(bool(r.get("smoke")) for r in records) == 4
+    assert sum(not (r.get("shadow") or r.get("smoke")) for r in records) == 6
     assert {r["model"] for r in records if r.get("shadow")} == {f"{NAME}/2"}
 
 
