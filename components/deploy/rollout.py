@@ -77,7 +77,7 @@ def deploy_local(cfg: DeploySpec, io: StageIO, name: str, attempt: Attempt, prog
         progress(f"deploy: {model} is live at {url} (pid {started.record['pid']}; `llmops serve stop` stops it)")
         return
     live = status["live"]["model"]
-    attempt.previous = attempt.previous or _number(live)
+    attempt.previous = _number(live) if live.startswith(f"{name}/") else attempt.previous  # what answers there now
     if live == model:
         attempt.outcome = "already live"
         progress(f"deploy: {model} is already live at {url}")
