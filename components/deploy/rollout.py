@@ -55,6 +55,7 @@ def deploy_local(cfg: DeploySpec, io: StageIO, name: str, attempt: Attempt, prog
 
     status = endpoint.status()
     if status is None:
+        attempt.previous = None  # nothing answers there: nothing is live, whatever the alias last said
         if not cfg.local.start:
             raise _refuse(attempt, f"no endpoint answers at {url} and deploy.local.start is false")
         progress(f"deploy: no endpoint at {url}; starting one for {model} (llmops serve, in the background)")
