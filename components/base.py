@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +21,15 @@ class StrictModel(BaseModel):
     """Config base: unknown keys are errors (a typo fails with its path), values frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def variable_name(name: str | None, never: str = "its value") -> str | None:
+    """A setting that names an environment variable (one that holds a key, a password, a
+    role) holds a name, never the secret: ValueError otherwise, saying it is ``never`` the
+    secret. The bad value is not echoed: it may be the secret."""
+    if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"must be the name of an environment variable (letters, digits, _), never {never}")
+    return name
 
 
 class StageError(RuntimeError):

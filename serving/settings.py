@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from components.base import StrictModel
+from components.base import StrictModel, variable_name
 
 
 class BatchingSpec(StrictModel):
@@ -71,18 +70,7 @@ class UpstreamSpec(StrictModel):
             raise ValueError(f"must be an http:// or https:// URL with a host, e.g. http://vllm:8000/v1 (got {url!r})")
         return url.rstrip("/")
 
-    @field_validator("api_key_env")
-    @classmethod
-    def _variable_name(cls, name: str | None) -> str | None:
-        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # not echoed: it may be a key
-            raise ValueError("must be the name of an environment variable (letters, digits, _), never the key itself")
-        return name
-
-
-def _variable(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # not echoed: it may be a key
-        raise ValueError("must be the name of an environment variable (letters, digits, _), never the key itself")
-    return name
+    _key = field_validator("api_key_env")(classmethod(lambda cls, v: variable_name(v, "the key itself")))
 
 
 class ServeSpec(StrictModel):
@@ -105,7 +93,8 @@ class ServeSpec(StrictModel):
     request_log: RequestLogSpec = RequestLogSpec()
     upstream: UpstreamSpec = UpstreamSpec()
 
-    _admin = field_validator("admin_key_env", "api_keys_env")(classmethod(lambda cls, v: _variable(v)))
+    _keys = field_validator("admin_key_env", "api_keys_env")(
+        classmethod(lambda cls, v: variable_name(v, "the key itself")))
 
 
 def parse_keys(text: str, where: str) -> dict[str, str]:

@@ -3,19 +3,11 @@
 each target's own settings."""
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from components.base import StrictModel
-
-
-def _env_name(name: str | None) -> str | None:
-    """A setting that names an environment variable holds a name, never the secret itself."""
-    if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError("must be the name of an environment variable (letters, digits, _), never its value")
-    return name
+from components.base import StrictModel, variable_name
 
 
 class SmokeSpec(StrictModel):
@@ -99,7 +91,7 @@ class SageMakerTarget(StrictModel):
     max_p95_latency_ms: float = Field(2000, gt=0)  # the latency alarm's threshold
     wait_timeout_s: float = Field(1800, gt=0)  # not InService by then: the stage fails
 
-    _env = field_validator("role_arn_env")(classmethod(lambda cls, v: _env_name(v)))
+    _env = field_validator("role_arn_env")(classmethod(lambda cls, v: variable_name(v)))
 
 
 class DeploySpec(StrictModel):
