@@ -85,18 +85,26 @@ def move(c, name: str, alias: str, to: int | None, why: str, action: str) -> dic
 
 def _move(c, name: str, alias: str, to: int | None, why: str, action: str, current: dict[str, int]) -> dict:
     """Point ``alias`` at version ``to`` (None: remove it) and record the move."""
-    entry = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "by": actor(), "action": action,
-             "alias": alias, "from": current.get(alias), "to": to, "why": why[:1000]}
+    held = current.get(alias)
     if to is None:
         c.delete_registered_model_alias(name, alias)
         current.pop(alias, None)
     else:
         c.set_registered_model_alias(name, alias, str(to))
         current[alias] = to
+    return _audit(c, name, alias, held, to, why, action)
+
+
+def _audit(c, name: str, alias: str, held: int | None, to: int | None, why: str, action: str,
+           tag_versions: bool = True) -> dict:
+    """Append the entry ``alias``: ``held`` -> ``to`` to the audit log (a tag on the model and,
+    with ``tag_versions``, on each version involved)."""
+    entry = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "by": actor(), "action": action,
+             "alias": alias, "from": held, "to": to, "why": why[:1000]}
     key = f"{AUDIT_PREFIX}{entry['at'].replace(':', '').replace('+0000', 'Z')}.{alias}"
     value = json.dumps(entry, sort_keys=True)
     c.set_registered_model_tag(name, key, value)
-    for v in {entry["from"], to} - {None}:
+    for v in ({held, to} - {None}) if tag_versions else ():
         c.set_model_version_tag(name, str(v), key, value)
     return entry
 
@@ -109,12 +117,8 @@ def deployed_alias(target: str) -> str:
 def record(c, name: str, alias: str, why: str, action: str) -> dict:
     """An audit entry for a decision that moved nothing (e.g. a refused deploy): ``from`` and
     ``to`` are where ``alias`` points and stays."""
-    current = aliases(c, name)
-    entry = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "by": actor(), "action": action,
-             "alias": alias, "from": current.get(alias), "to": current.get(alias), "why": why[:1000]}
-    key = f"{AUDIT_PREFIX}{entry['at'].replace(':', '').replace('+0000', 'Z')}.{alias}"
-    c.set_registered_model_tag(name, key, json.dumps(entry, sort_keys=True))
-    return entry
+    held = aliases(c, name).get(alias)
+    return _audit(c, name, alias, held, held, why, action, tag_versions=False)
 
 
 def promote(c, name: str, number: int, why: str, action: str = "promote") -> list[dict]:
