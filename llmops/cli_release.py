@@ -27,7 +27,7 @@ def deploy_status(
     the last deploy attempts with their outcome and reason."""
     from components import registry
     from components.deploy import attempts_path
-    from components.deploy.local import Endpoint, EndpointError, record_path
+    from components.deploy.local import Endpoint, EndpointError, endpoint_url, record_path
     from llmops.runner import configure_environment
 
     spec = _load(file, None, pipeline)
@@ -57,8 +57,7 @@ def deploy_status(
 
     serve = pipe.serve
     started = background.read_record(record_path(spec.state_dir(root), name))
-    host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
-    url = started["url"] if started else (pipe.deploy.local.url or f"http://{host}:{serve.port}").rstrip("/")
+    url = started["url"] if started else endpoint_url(pipe.deploy.local, serve)
     try:
         status = Endpoint(url, os.environ.get(serve.admin_key_env) or None).status()
     except EndpointError as exc:

@@ -34,8 +34,7 @@ def served_version(spec: Spec, root: Path, pipeline: str, model: str | None) -> 
     """The version to monitor (``model``, else serve.model, else the champion), its files
     fetched and its manifest's tokenizer and answer schema loaded (no weights)."""
     from components.lm import load_tokenizer
-    from components.task import AnswerSchema
-    from serving.model import MANIFEST, ModelRef, fetch, find_version
+    from serving.model import MANIFEST, ModelRef, answer_schema, fetch, find_version
 
     pipe = spec.pipelines[pipeline]
     try:
@@ -47,9 +46,7 @@ def served_version(spec: Spec, root: Path, pipeline: str, model: str | None) -> 
     manifest = json.loads((folder / MANIFEST).read_text())
     serving = manifest.get("serving")
     tokenizer = load_tokenizer(folder / (serving.get("folder", "serving") if serving else "adapter"))
-    answer = manifest["answer_schema"]
-    return job.Served(f"{ref.name}/{number}", manifest, folder, found.run_id, tokenizer,
-                      AnswerSchema(answer["schema"], answer.get("ordered")))
+    return job.Served(f"{ref.name}/{number}", manifest, folder, found.run_id, tokenizer, answer_schema(manifest))
 
 
 def monitor_once(spec: Spec, root: Path, pipeline: str, model: str | None = None,

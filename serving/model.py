@@ -122,6 +122,19 @@ def fetch(ref: ModelRef, cache: Path) -> tuple[int, Path]:
     return number, folder
 
 
+def fetched(name: str, number: int, state_dir: Path) -> tuple[Path, dict]:
+    """Version ``number`` of ``name``: its folder in the state folder's cache (fetched once,
+    as serving fetches it) and its manifest. RegistryError / ModelError as ``fetch``."""
+    _, folder = fetch(ModelRef(name, number=number), state_dir / "serving" / "versions")
+    return folder, json.loads((folder / MANIFEST).read_text())
+
+
+def answer_schema(manifest: dict) -> AnswerSchema:
+    """The answer's JSON Schema a version was trained and evaluated with."""
+    answer = manifest["answer_schema"]
+    return AnswerSchema(answer["schema"], answer.get("ordered"))
+
+
 WEIGHT_FILES = (".safetensors", ".onnx", ".onnx_data", ".onnx.data", ".bin")
 
 
@@ -165,8 +178,7 @@ def load_version(ref: ModelRef, catalog: dict, state_dir: Path, weights: str = "
     number, folder = fetch(ref, state_dir / "serving" / "versions")
     variant, tokenizer, model = load_folder(folder, catalog, state_dir, weights, tokenizer_only)
     manifest = json.loads((folder / MANIFEST).read_text())
-    answer = manifest["answer_schema"]
     return ServedModel(name=ref.name, version=number, alias=ref.alias, variant=variant, manifest=manifest,
-                       tokenizer=tokenizer, model=model, schema=AnswerSchema(answer["schema"], answer.get("ordered")),
+                       tokenizer=tokenizer, model=model, schema=answer_schema(manifest),
                        folder=folder, load_s=round(time.perf_counter() - started, 2))
 

@@ -222,6 +222,16 @@ class Started:
     log: Path
 
 
+def serve_url(host: str, port: int) -> str:
+    """Where a client on this machine reaches an endpoint bound to ``host:port``."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def endpoint_url(local, serve) -> str:
+    """The endpoint the local target deploys to: ``deploy.local.url``, else the serve section's."""
+    return (local.url or serve_url(serve.host, serve.port)).rstrip("/")
+
+
 def record_path(state_dir: Path, pipeline: str) -> Path:
     return state_dir / "serving" / f"endpoint-{pipeline}.json"
 
@@ -240,7 +250,7 @@ def start_endpoint(spec_file: Path, overrides: list[str], pipeline: str, model: 
            "--host", host, "--port", str(port)]
     for item in overrides:
         cmd += ["--set", item]
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    url = serve_url(host, port)
 
     def up() -> bool:
         try:

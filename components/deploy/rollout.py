@@ -1,7 +1,6 @@
 """target local, step by step (the checks and the endpoint client: components/deploy/local.py)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,15 +23,12 @@ def latency_budget(gates) -> float | None:
 def deploy_local(cfg: DeploySpec, io: StageIO, name: str, attempt: Attempt, progress=print) -> None:
     """Roll the champion out on the local endpoint; ``attempt`` says what happened. Raises
     StageError (with ``attempt.reason``) when it could not be made live."""
-    from serving.model import fetch
+    from serving.model import answer_schema, fetched
     from serving.settings import load_keys
-    from components.task import AnswerSchema
 
     serve = io.sections["serve"]
     model = f"{name}/{attempt.version}"
-    host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
-    url = (cfg.local.url or f"http://{host}:{serve.port}").rstrip("/")
-    attempt.url = url
+    url = attempt.url = local.endpoint_url(cfg.local, serve)
     try:
         keys = load_keys(serve, io.root)
     except ValueError as exc:
@@ -40,9 +36,8 @@ def deploy_local(cfg: DeploySpec, io: StageIO, name: str, attempt: Attempt, prog
     endpoint = Endpoint(url, os.environ.get(serve.admin_key_env) or None, next(iter(keys.values()), None),
                         timeout_s=serve.limits.request_timeout_s + 10)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one download, no bar in the log
-    _, folder = fetch(_ref(name, attempt.version), io.state_dir / "serving" / "versions")
-    manifest = json.loads((folder / "llmops-model.json").read_text())
-    schema = AnswerSchema(manifest["answer_schema"]["schema"], manifest["answer_schema"].get("ordered"))
+    _, manifest = fetched(name, attempt.version, io.state_dir)
+    schema = answer_schema(manifest)
     examples = read_examples(io.inputs["prepare"] / "test.jsonl")[: cfg.smoke.examples]
     max_tokens = min(io.sections["evaluate"].max_new_tokens, serve.limits.max_tokens)
     budget = cfg.smoke.p95_latency_ms or latency_budget(io.sections.get("gates"))
@@ -140,12 +135,6 @@ def _live_traffic(endpoint: Endpoint, attempt: Attempt, mode: str, cfg: DeploySp
 def _refuse(attempt: Attempt, reason: str, outcome: str = "refused") -> StageError:
     attempt.outcome, attempt.reason = outcome, reason
     return StageError(reason)
-
-
-def _ref(name: str, number: int):
-    from serving.model import ModelRef
-
-    return ModelRef(name, number=number)
 
 
 def _number(model_id: str) -> int | None:

@@ -18,10 +18,9 @@ def _merged(io: StageIO, name: str, version: int, progress) -> tuple[Path, dict]
     """(folder of the version's merged Hugging Face model, its manifest); merged once per
     version under ``<state>/deploy/merged/``."""
     from components.deploy import kserve
-    from serving.model import MANIFEST, ModelRef, fetch
+    from serving.model import MANIFEST, fetched
 
-    _, folder = fetch(ModelRef(name, number=version), io.state_dir / "serving" / "versions")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    folder, manifest = fetched(name, version, io.state_dir)
     out = io.state_dir / "deploy" / "merged" / name / str(version)
     if not (out / MANIFEST).exists() or json.loads((out / MANIFEST).read_text()) != manifest:
         progress(f"deploy: merging {name} version {version}'s adapter into its base model ...")
