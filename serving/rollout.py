@@ -42,6 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from serving.protocol import error_body
 from serving.records import SYNTHETIC
 
 ANSWER_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/triage")
@@ -183,7 +184,7 @@ class Switchboard:
         if problem is None and slot is None:
             problem = 404, "no candidate is loaded"
         if problem:
-            return await _json(send, problem[0], {"error": {"message": problem[1], "type": "admin_error"}})
+            return await _json(send, *_error(*problem))
         token = SYNTHETIC.set("smoke") if probe else None
         try:
             await self._run(slot, scope, receive, send)
@@ -276,21 +277,20 @@ class Switchboard:
     async def _admin(self, scope, receive, send) -> None:
         problem = self._denied(scope)
         if problem:
-            return await _json(send, problem[0], {"error": {"message": problem[1], "type": "admin_error"}})
+            return await _json(send, *_error(*problem))
         route, method = scope["path"], scope["method"]
         try:
             body = json.loads(await _read_body(receive) or b"{}") if method in ("POST", "PUT", "DELETE") else {}
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as exc:
-            return await _json(send, 400, {"error": {"message": f"bad JSON body: {exc}", "type": "admin_error"}})
+            return await _json(send, *_error(400, f"bad JSON body: {exc}"))
         handler = {("GET", "/admin/status"): self._status, ("POST", "/admin/candidate"): self._load_candidate,
                    ("DELETE", "/admin/candidate"): self._discard_route, ("POST", "/admin/route"): self._route,
                    ("GET", "/admin/observations"): self._observations,
                    ("POST", "/admin/switch"): self._switch}.get((method, route))
         if handler is None:
-            return await _json(send, 404, {"error": {"message": f"no admin route {method} {route}",
-                                                     "type": "admin_error"}})
+            return await _json(send, *_error(404, f"no admin route {method} {route}"))
         status, payload = await handler(body)
         return await _json(send, status, payload)
 
@@ -303,9 +303,9 @@ class Switchboard:
         model, weights, alias = body.get("model"), body.get("weights", "serving"), body.get("alias")
         timeout_s = float(body.get("timeout_s", 900))
         if not isinstance(model, str) or not model:
-            return 400, {"error": {"message": "'model' (name/version) is required", "type": "admin_error"}}
+            return _error(400, "'model' (name/version) is required")
         if self._loading:
-            return 409, {"error": {"message": "another candidate is being loaded", "type": "admin_error"}}
+            return _error(409, "another candidate is being loaded")
         self._loading = True
         try:
             if self.candidate is not None:
@@ -315,7 +315,7 @@ class Switchboard:
                 slot = await asyncio.to_thread(self.load, model, weights, alias)
             except Exception as exc:  # noqa: BLE001 - the reason goes to the caller; live traffic is untouched
                 self._event("refused", model, f"{type(exc).__name__}: {exc}")
-                return 422, {"error": {"message": f"cannot load {model}: {exc}", "type": "load_error"}}
+                return _error(422, f"cannot load {model}: {exc}", "load_error")
             slot.lifespan = Lifespan(slot.app)
             await slot.lifespan.start()
             readiness = slot.app.state.readiness
@@ -326,7 +326,7 @@ class Switchboard:
                 reason = readiness.get("reason") or f"no golden answer within {timeout_s:.0f} s"
                 await _release(slot)
                 self._event("refused", slot.id, reason)
-                return 422, {"error": {"message": f"{slot.id} is not ready: {reason}", "type": "not_ready"}}
+                return _error(422, f"{slot.id} is not ready: {reason}", "not_ready")
             self.candidate, self.mode, self.share = slot, "none", 0.0
             self.observations.clear()
             self._event("loaded", slot.id, f"{slot.served.variant} in {time.perf_counter() - started:.1f} s")
@@ -336,7 +336,7 @@ class Switchboard:
 
     async def _discard_route(self, body: dict) -> tuple[int, dict]:
         if self.candidate is None:
-            return 404, {"error": {"message": "no candidate is loaded", "type": "admin_error"}}
+            return _error(404, "no candidate is loaded")
         model = self.candidate.id
         await self._discard(body.get("reason") or "discarded")
         return 200, {"discarded": model, "live": self.live.id}
@@ -349,12 +349,11 @@ class Switchboard:
     async def _route(self, body: dict) -> tuple[int, dict]:
         mode, share = body.get("mode", "none"), body.get("share", 0.0)
         if mode not in ("none", "shadow", "canary"):
-            return 400, {"error": {"message": f"mode must be none, shadow or canary (got {mode!r})",
-                                   "type": "admin_error"}}
+            return _error(400, f"mode must be none, shadow or canary (got {mode!r})")
         if mode != "none" and self.candidate is None:
-            return 409, {"error": {"message": "no candidate is loaded", "type": "admin_error"}}
+            return _error(409, "no candidate is loaded")
         if mode == "canary" and not (isinstance(share, (int, float)) and 0 < share < 1):
-            return 400, {"error": {"message": f"share must be between 0 and 1 (got {share!r})", "type": "admin_error"}}
+            return _error(400, f"share must be between 0 and 1 (got {share!r})")
         self.mode, self.share = mode, float(share) if mode == "canary" else 0.0
         self.observations.clear()
         self._event("route", self.candidate.id if self.candidate else self.live.id,
@@ -369,10 +368,9 @@ class Switchboard:
     async def _switch(self, body: dict) -> tuple[int, dict]:
         slot = self.candidate
         if slot is None:
-            return 409, {"error": {"message": "no candidate is loaded", "type": "admin_error"}}
+            return _error(409, "no candidate is loaded")
         if body.get("model") not in (None, slot.id):
-            return 409, {"error": {"message": f"the candidate is {slot.id}, not {body.get('model')}",
-                                   "type": "admin_error"}}
+            return _error(409, f"the candidate is {slot.id}, not {body.get('model')}")
         old = self.live
         slot.since = time.time()
         self.live, self.candidate, self.mode, self.share = slot, None, "none", 0.0  # the switch
@@ -426,6 +424,11 @@ def _replay(body: bytes):
             return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.Event().wait()  # like a client that stays connected; cancelled with the request
     return receive
+
+
+def _error(status: int, message: str, kind: str = "admin_error") -> tuple[int, dict]:
+    """A refusal in the API's error shape (serving/protocol.py)."""
+    return status, error_body(message, kind)
 
 
 async def _json(send, status: int, payload: dict) -> None:
