@@ -231,12 +231,19 @@ class PromotionReport(Report):
 
 
 class DeployCheck(BaseModel):
+    """One check of a deploy: what was observed against what was required."""
     name: str
     observed: float | None
     threshold: float | None
-    op: str
+    op: str  # ">=" or "<="
     passed: bool
     detail: str = ""
+
+    def line(self) -> str:
+        seen = "n/a" if self.observed is None else f"{self.observed:g}"
+        return (f"{self.name}: {seen} {self.op} {self.threshold:g}" if self.threshold is not None else
+                f"{self.name}: {seen}") + f" -> {'ok' if self.passed else 'FAILED'}" + \
+            (f" ({self.detail})" if self.detail else "")
 
 
 class DeployReport(Report):

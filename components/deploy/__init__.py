@@ -22,7 +22,7 @@ from components import registry
 from components.base import StageError, StageIO, StageResult
 from components.deploy.local import Attempt
 from components.deploy.settings import DeploySpec
-from components.reports import DeployCheck, DeployReport, PromotionReport
+from components.reports import DeployReport, PromotionReport
 
 OUTPUTS: tuple[str, ...] = ()
 
@@ -63,7 +63,7 @@ def run(cfg: DeploySpec, io: StageIO) -> StageResult:
     report = DeployReport(model_name=name, version=number, target=cfg.target, strategy=cfg.strategy,
                           outcome=attempt.outcome, reason=attempt.reason, previous=attempt.previous, url=attempt.url,
                           started_endpoint=attempt.started_endpoint,
-                          checks=[DeployCheck(**vars(c)) for c in attempt.checks], numbers=attempt.numbers,
+                          checks=attempt.checks, numbers=attempt.numbers,
                           moves=moves, seconds=round(time.perf_counter() - started, 1))
     if attempt.outcome in ("refused", "rolled back", "failed"):
         report.write(io.out_dir)  # kept in deploy.failed/ for a person to read

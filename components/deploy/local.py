@@ -26,29 +26,13 @@ import numpy as np
 
 from components.base import StageError
 from components.deploy.settings import CanarySpec, ShadowSpec, SmokeSpec
-
-
-@dataclass
-class Check:
-    """One check of a rollout: what was observed against what was required."""
-    name: str
-    observed: float | None
-    threshold: float | None
-    op: str  # ">=" or "<="
-    passed: bool
-    detail: str = ""
-
-    def line(self) -> str:
-        seen = "n/a" if self.observed is None else f"{self.observed:g}"
-        return (f"{self.name}: {seen} {self.op} {self.threshold:g}" if self.threshold is not None else
-                f"{self.name}: {seen}") + f" -> {'ok' if self.passed else 'FAILED'}" + \
-            (f" ({self.detail})" if self.detail else "")
+from components.reports import DeployCheck as Check
 
 
 def check(name: str, observed: float | None, op: str, threshold: float, detail: str = "") -> Check:
     ok = observed is not None and (observed >= threshold if op == ">=" else observed <= threshold)
-    return Check(name, None if observed is None else round(float(observed), 4), round(float(threshold), 4), op, ok,
-                 detail)
+    return Check(name=name, observed=None if observed is None else round(float(observed), 4),
+                 threshold=round(float(threshold), 4), op=op, passed=ok, detail=detail)
 
 
 def p95(values: list[float]) -> float | None:
