@@ -27,7 +27,9 @@ from components.pii import find_pii, redact_pii
 from components.reports import ValidationReport
 from components.splits import SPLITS, SplitFractions, split_of
 from components.task import TaskSpec
-from components.validate.suites import ROW, _report_rows, _write_quarantine, build_suites, print_report, run_suites
+from components.validate.contracts import ORDER, Contracts, coverage, derive, expectations
+from components.validate.suites import (ROW, _report_rows, _write_quarantine, build_suites, docs_context, print_report,
+                                        run_suites, where)
 
 __all__ = ["ROW", "Checks", "ValidateSpec", "build_suites", "derive_columns", "find_pii", "redact_pii", "run",
            "run_suites", "_report_rows"]
@@ -68,6 +70,12 @@ class TimeCheck(Check):
     not_after: datetime | None = None  # latest accepted created_at; None: now (never in the future)
 
 
+class CoverageCheck(Check):
+    # A ticket needs a customer profile as of its created_at (what prepare's point-in-time
+    # join gives it), at most this old (the feature view's ttl); null: any age.
+    max_age_days: float | None = Field(365, gt=0)
+
+
 class PiiCheck(Check):
     severity: Severity = "warn"
     max_share: float = Field(0.01, ge=0, le=1)  # flagged when more rows than this carry PII
@@ -80,7 +88,7 @@ class Checks(StrictModel):
     duplicates: Check = Check()
     leakage: Check = Check()
     time: TimeCheck = TimeCheck()
-    references: Check = Check()
+    coverage: CoverageCheck = CoverageCheck()
     pii: PiiCheck = PiiCheck()
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
@@ -90,6 +98,7 @@ class ValidateSpec(StrictModel):
     on_fail: Literal["stop", "quarantine"] = "stop"
     pii: Literal["flag", "redact"] = "flag"
     checks: Checks = Checks()
+    contracts: Contracts = Contracts()
 
 
 def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
@@ -97,43 +106,61 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
     error-level check fails and cannot be (or is not to be) handled by quarantine."""
     started = time.perf_counter()
     src = io.inputs["ingest"]
-    tables = {name: pd.read_parquet(src / f"{name}.parquet") for name in TABLES}
-    tickets = tables["tickets"].reset_index(drop=True)
-    tickets.insert(0, ROW, range(len(tickets)))
+    tables = {name: _numbered(pd.read_parquet(src / f"{name}.parquet")) for name in TABLES}
+    ctx = docs_context(io.out_dir / "data_docs")
+    report: list[dict] = []
+    quarantined: dict[str, tuple[pd.DataFrame, dict[int, list[str]]]] = {}
+    kept: dict[str, pd.DataFrame] = {}
+    can_quarantine = cfg.on_fail == "quarantine"
+    for name in ORDER[:-1]:  # the tickets last: their references and coverage see the rows kept
+        contract, frame = getattr(cfg.contracts, name), tables[name]
+        if not contract.enabled:
+            kept[name] = frame
+            continue
+        df, meaning = derive(frame, contract, kept)
+        table_exps, row_exps = expectations(df, contract, kept)
+        rows = _rows(run_suites(_suites(name, frame, df, table_exps, row_exps, meaning, contract.key),
+                                io.out_dir / "data_docs", ctx))
+        report += rows
+        can_quarantine &= not _table_level(rows)
+        kept[name], quarantined[name] = _split(frame, rows, can_quarantine)
+
+    tickets = tables["tickets"]
     redacted = 0
     if cfg.pii == "redact":
         tickets, redacted = redact_pii(tickets)
     prepare_cfg = io.sections.get("prepare")
     split = getattr(prepare_cfg, "split", SplitFractions()), getattr(prepare_cfg, "split_salt", "tessera-v1")
     task: TaskSpec = io.sections.get("task", TaskSpec())
-    checked = derive_columns(tickets, tables, cfg.checks, split, io)
-    suites = build_suites(cfg.checks, tables, checked, task)
-    results = run_suites(suites, io.out_dir / "data_docs")
-    order = list(Checks.model_fields)
-    report = sorted((row for r in results for row in _report_rows(r)),
-                    key=lambda row: order.index(row["check"] if row["check"] != "schema" else "schema_"))
+    checked = derive_columns(tickets, kept, cfg.checks, split, io)
+    suites = build_suites(cfg.checks, kept, checked, task)
+    if cfg.contracts.tickets.enabled:
+        contract = cfg.contracts.tickets
+        checked, meaning = derive(checked, contract, kept)
+        table_exps, row_exps = expectations(checked, contract, kept, string_types=False, windows=False)
+        suites[0]["exps"] += table_exps
+        suites[1] |= {"frame": checked, "meaning": meaning,
+                      "exps": suites[1]["exps"] + [e for e in row_exps if e[2].column in checked]}
+    rows = _rows(run_suites(suites, io.out_dir / "data_docs", ctx))
+    report += rows
+    can_quarantine &= not _table_level(rows)
+    tickets = checked[list(tickets.columns)]  # with text repaired where it was not valid UTF-8
+    keep, quarantined["tickets"] = _split(tickets, rows, can_quarantine)
 
     failed_errors = [r for r in report if not r["success"] and r["severity"] == "error"]
-    table_level = [r for r in failed_errors if r["row_level"] is False]
-    bad_rows: dict[int, list[str]] = {}
-    for r in failed_errors:
-        for row in r["rows"]:
-            bad_rows.setdefault(row, []).append(f"{r['check']}: {r['expectation']} on {r['column']}")
-    quarantine = cfg.on_fail == "quarantine" and not table_level
-    tickets = checked[list(tickets.columns)]  # with text repaired where it was not valid UTF-8
-    keep = tickets[~tickets[ROW].isin(bad_rows)] if quarantine else tickets
-    quarantined = tickets[tickets[ROW].isin(bad_rows)] if quarantine else tickets.iloc[0:0]
-
-    _write_quarantine(io.out_dir / "quarantine.jsonl", quarantined, bad_rows)
+    quarantine = can_quarantine  # on_fail: quarantine, and no table-level failure anywhere
+    _write_quarantine(io.out_dir / "quarantine.jsonl", quarantined if quarantine else {})
     for name in TABLES:
-        frame = keep.drop(columns=[ROW]) if name == "tickets" else tables[name]
-        frame.to_parquet(io.out_dir / f"{name}.parquet", index=False)
+        frame = keep if name == "tickets" else (kept[name] if quarantine else tables[name])
+        frame.drop(columns=[ROW]).to_parquet(io.out_dir / f"{name}.parquet", index=False)
+    n_quarantined = {n: int(len(q[0])) for n, q in quarantined.items() if quarantine and len(q[0])}
     summary = {
         "success": not failed_errors,
         "on_fail": cfg.on_fail,
         "rows_in": int(len(tickets)),
         "rows_out": int(len(keep)),
-        "quarantined": int(len(quarantined)),
+        "quarantined": n_quarantined.get("tickets", 0),
+        "quarantined_by_table": n_quarantined,
         "pii_redacted": int(redacted),
         "failed_errors": len(failed_errors),
         "failed_warnings": sum(1 for r in report if not r["success"] and r["severity"] == "warn"),
@@ -144,7 +171,7 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
     write_json(io.out_dir / "validation.json", summary)
     print_report(summary)
     if failed_errors and not quarantine:
-        names = ", ".join(f"{r['check']} on {r['column']}" for r in failed_errors)
+        names = ", ".join(f"{r['check']} on {where(r)}" for r in failed_errors)
         why = " (table-level checks cannot be quarantined)" if cfg.on_fail == "quarantine" else ""
         raise StageError(f"validation failed{why}: {len(failed_errors)} error-level expectation(s): {names}; "
                          "details in validation.json and data_docs/index.html")
@@ -152,11 +179,48 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
     md = (f"### validate\n{summary['expectations']} expectations on {summary['rows_in']} tickets: "
           f"{summary['failed_errors']} error(s), {summary['failed_warnings']} warning(s); "
           f"{summary['quarantined']} row(s) quarantined, {redacted} PII value(s) redacted.\n\n"
-          + markdown_table([{k: r[k] for k in ("check", "severity", "column", "expectation", "observed",
-                                               "threshold", "success")} for r in summary["checks"]]))
+          + markdown_table([{"check": r["check"], "severity": r["severity"], "column": where(r)}
+                            | {k: r[k] for k in ("expectation", "observed", "threshold", "success")}
+                            for r in summary["checks"]]))
     return StageResult(outputs={n: io.out_dir / f"{n}.parquet" for n in TABLES} | {
         "quarantine": io.out_dir / "quarantine.jsonl", "report": io.out_dir / "validation.json",
         "data_docs": io.out_dir / "data_docs" / "index.html"}, report=report, summary=md)
+
+
+def _numbered(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.reset_index(drop=True)
+    frame.insert(0, ROW, range(len(frame)))
+    return frame
+
+
+def _suites(table: str, frame, checked, table_exps, row_exps, meaning, key) -> list[dict]:
+    present = set(checked.columns)
+    return [{"name": f"{table}_table", "frame": frame.drop(columns=[ROW]), "exps": table_exps,
+             "row_level": False, "table": table},
+            {"name": f"{table}_rows", "frame": checked, "exps": [e for e in row_exps if e[2].column in present],
+             "row_level": True, "table": table, "meaning": meaning, "ids": [ROW, *key]}]
+
+
+def _rows(results: list[dict]) -> list[dict]:
+    order = ["schema" if n == "schema_" else n for n in Checks.model_fields] + ["contract", "references"]
+    return sorted((row for r in results for row in _report_rows(r)), key=lambda row: order.index(row["check"]))
+
+
+def _table_level(rows: list[dict]) -> bool:
+    return any(not r["success"] and r["severity"] == "error" and not r["row_level"] for r in rows)
+
+
+def _split(frame: pd.DataFrame, rows: list[dict], quarantine: bool):
+    """(rows kept, (rows quarantined, reasons per row)) of one table."""
+    reasons: dict[int, list[str]] = {}
+    for r in rows:
+        if not r["success"] and r["severity"] == "error":
+            for row in r["rows"]:
+                reasons.setdefault(row, []).append(f"{r['check']}: {r['expectation']} on {r['column']}")
+    if not quarantine:
+        return frame, (frame.iloc[0:0], {})
+    bad = frame[ROW].isin(reasons)
+    return frame[~bad], (frame[bad], reasons)
 
 
 # ---------------------------------------------------------------- derived columns
@@ -197,6 +261,8 @@ def derive_columns(tickets: pd.DataFrame, tables: dict[str, pd.DataFrame], check
         first_split = order.groupby(norm).transform("min")
         df["_leaks"] = order > first_split  # same text already in an earlier split (train < validation < test)
     df["_pii"] = text.map(lambda t: bool(find_pii(t)))
+    if checks.coverage.enabled and {"customer_id", "created_at"} <= has:
+        df["_profile_as_of"] = coverage(df, tables["customer_profiles"], checks.coverage.max_age_days)
     return df
 
 

@@ -24,6 +24,7 @@ DERIVED = {
     "_duplicate": ("customer_id+subject+body", "not a duplicate of an earlier ticket"),
     "_leaks": ("subject+body", "not also in an earlier split"),
     "_pii": ("subject+body", "no e-mail address, phone or card number"),
+    "_profile_as_of": ("customer_id+created_at", "a customer profile as of the ticket's time"),
 }
 
 
@@ -74,10 +75,9 @@ def build_suites(checks, tables: dict[str, pd.DataFrame], checked: pd.DataFrame,
         row_exps.append(("time", c.time.severity, gxe.ExpectColumnValuesToNotBeNull(column="created_at")))
         row_exps.append(("time", c.time.severity, gxe.ExpectColumnValuesToBeBetween(
             column="created_at", min_value=pd.Timestamp(c.time.not_before), max_value=latest)))
-    if c.references.enabled:
-        customers = sorted(tables["customers"]["customer_id"].astype(str).unique())
-        row_exps.append(("references", c.references.severity,
-                         gxe.ExpectColumnValuesToBeInSet(column="customer_id", value_set=customers)))
+    if c.coverage.enabled:
+        row_exps.append(("coverage", c.coverage.severity,
+                         gxe.ExpectColumnValuesToBeInSet(column="_profile_as_of", value_set=[True])))
     if c.pii.enabled:
         row_exps.append(("pii", c.pii.severity, gxe.ExpectColumnValuesToBeInSet(
             column="_pii", value_set=[False], mostly=round(1 - c.pii.max_share, 6))))
@@ -100,10 +100,9 @@ def build_suites(checks, tables: dict[str, pd.DataFrame], checked: pd.DataFrame,
     return suites
 
 
-def run_suites(suites: list[dict], docs_dir: Path) -> list[dict]:
-    """Run each suite through a GE checkpoint that also renders Data Docs into ``docs_dir``."""
+def docs_context(docs_dir: Path):
+    """An ephemeral GE context whose Data Docs site is ``docs_dir`` (emptied first)."""
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -115,7 +114,18 @@ def run_suites(suites: list[dict], docs_dir: Path) -> list[dict]:
     ctx.add_data_docs_site(site_name="validate", site_config={
         "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}})
-    source = ctx.data_sources.add_pandas("llmops")
+    ctx.data_sources.add_pandas("llmops")
+    return ctx
+
+
+def run_suites(suites: list[dict], docs_dir: Path, ctx=None) -> list[dict]:
+    """Run each suite through a GE checkpoint that also renders Data Docs into ``docs_dir``
+    (through ``ctx`` when given: one site for several calls)."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    ctx = ctx or docs_context(docs_dir)
+    source = ctx.data_sources.get("llmops")
     results = []
     for suite_def in suites:
         if not suite_def["exps"]:
@@ -125,7 +135,9 @@ def run_suites(suites: list[dict], docs_dir: Path) -> list[dict]:
         for check, severity, exp in suite_def["exps"]:
             exp.meta = {"check": check, "severity": severity}
             suite.add_expectation(exp)
-        ids = [ROW, "ticket_id"] if suite_def["row_level"] else (["label"] if "label" in suite_def["frame"] else [])
+        ids = suite_def.get("ids", [ROW, "ticket_id"]) if suite_def["row_level"] else (
+            ["label"] if "label" in suite_def["frame"] else [])
+        ids = [i for i in ids if i in suite_def["frame"]]
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=suite_def["name"], data=batch, suite=suite))
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(
             name=suite_def["name"], validation_definitions=[vd],
@@ -146,9 +158,11 @@ def _report_rows(entry: dict) -> list[dict]:
         res = r.result or {}
         unexpected = res.get("unexpected_index_list") or []
         row_ids = [u[ROW] for u in unexpected if isinstance(u, dict) and ROW in u]
-        examples = [u.get("ticket_id", u.get("label")) for u in unexpected[:5] if isinstance(u, dict)]
+        suite = entry["suite"]
+        named = [i for i in suite.get("ids", [ROW, "ticket_id", "label"]) if i != ROW] or ["label"]
+        examples = ["/".join(str(u[i]) for i in named if i in u) for u in unexpected[:5] if isinstance(u, dict)]
         column = kw.get("column", "(table)")
-        shown, rule = DERIVED.get(column, (column, ""))
+        shown, rule = {**DERIVED, **suite.get("meaning", {})}.get(column, (column, ""))
         if "unexpected_count" in res:
             n = res.get("element_count") or 0
             observed = f"{res['unexpected_count']} of {n} rows ({res.get('unexpected_percent') or 0:.2f}%)"
@@ -159,10 +173,10 @@ def _report_rows(entry: dict) -> list[dict]:
             observed = _short(res.get("details", {}).get("mismatched") or res.get("observed_value"))
         exception = (r.exception_info or {}).get("exception_message") if isinstance(r.exception_info, dict) else None
         rows.append({
-            "check": meta.get("check", "?"), "severity": meta.get("severity", "error"),
+            "table": suite.get("table", "tickets"), "check": meta.get("check", "?"), "severity": meta.get("severity", "error"),
             "expectation": cfg.type + (f" ({rule})" if rule else ""), "column": shown,
-            "observed": exception or observed, "threshold": "" if column.startswith("_") and column != "_n_tokens"
-            else _threshold(kw),
+            "observed": exception or observed,
+            "threshold": _threshold(kw) if not column.startswith("_") or "min_value" in kw else "",
             "success": bool(r.success), "examples": examples, "row_level": entry["suite"]["row_level"],
             "rows": row_ids if not r.success else [],
         })
@@ -194,12 +208,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _write_quarantine(path: Path, rows: pd.DataFrame, reasons: dict[int, list[str]]) -> None:
+def _write_quarantine(path: Path, quarantined: dict[str, tuple[pd.DataFrame, dict[int, list[str]]]]) -> None:
+    """One line per quarantined row: its table, row number (1-based), id, reasons, record."""
     with open(path, "w", encoding="utf-8") as fh:
-        for rec in rows.to_dict("records"):
-            row = rec.pop(ROW)
-            fh.write(json.dumps({"row": row + 1, "ticket_id": rec.get("ticket_id"), "reasons": reasons[row],
-                                 "record": rec}, default=str, ensure_ascii=False) + "\n")
+        for table, (rows, reasons) in quarantined.items():
+            for rec in rows.to_dict("records"):
+                row = rec.pop(ROW)
+                key = {k: rec[k] for k in ("ticket_id", "customer_id", "article_id") if k in rec}
+                key = {"ticket_id": rec.get("ticket_id")} if table == "tickets" else key
+                fh.write(json.dumps({"table": table, "row": row + 1, **key, "reasons": reasons[row], "record": rec},
+                                    default=str, ensure_ascii=False) + "\n")
 
 
 def print_report(summary: dict) -> None:
@@ -214,5 +232,10 @@ def print_report(summary: dict) -> None:
         style = "red" if c["severity"] == "error" else "yellow"
         expected = f"; expected {c['threshold']}" if c["threshold"] else ""
         ids = f"; ids: {', '.join(map(str, c['examples']))}" if c["examples"] else ""
-        console.print(f"  [{style}]{c['severity']:<5}[/] {c['check']:<10} {c['column']}: {c['expectation']}: "
+        console.print(f"  [{style}]{c['severity']:<5}[/] {c['check']:<10} {where(c)}: {c['expectation']}: "
                       f"{c['observed']}{expected}{ids}", markup=True)
+
+
+def where(row: dict) -> str:
+    """The column a report row is about; ``table.column`` outside the tickets table."""
+    return row["column"] if row.get("table", "tickets") == "tickets" else f"{row['table']}.{row['column']}"

@@ -1,9 +1,12 @@
-"""Helpers of the component tests: chats in the shape prepare writes, and prepare/ folders
-(the tiny model and its run are fixtures in tests/conftest.py, shared with serving)."""
+"""Helpers of the component tests: chats in the shape prepare writes, prepare/ folders, and
+the demo tables validate's tests break (the tiny model and its run are fixtures in
+tests/conftest.py, shared with serving)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 
 
 def chat_examples(n: int, offset: int = 0) -> list[dict]:
@@ -78,3 +81,22 @@ def assert_fast_tokenizer(folder: Path) -> None:
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast", folder
     assert config["model_input_names"] == ["input_ids", "attention_mask"] and config["padding_side"] == "left", folder
     assert not (folder / "tokenizer.model").exists(), folder
+
+
+@pytest.fixture(scope="session")
+def validate_tokenizer():
+    """The model whose tokenizer validate's text check counts with, provisioned."""
+    from components.catalog import pull
+    from llmops.spec import load_spec
+    from tests.conftest import REPO
+
+    spec = load_spec(REPO / "pipelines.yaml", env={})
+    pull("smollm2-135m-instruct", spec.models["smollm2-135m-instruct"], spec.state_dir(REPO))
+
+
+@pytest.fixture
+def data():
+    """The demo tables, small: 300 tickets of 60 customers."""
+    from components import generate
+
+    return generate.generate(n_tickets=300, n_customers=60, seed=3)

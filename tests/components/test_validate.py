@@ -9,32 +9,26 @@ import pytest
 
 from components import generate
 from components.base import StageError, StageIO
-from components.catalog import pull
 from components.prepare import PrepareSpec
 from components.splits import split_of
 from components.task import TaskSpec
 from components.validate import (ROW, Checks, ValidateSpec, _report_rows, build_suites, derive_columns, find_pii,
                                  redact_pii, run, run_suites)
+from components.validate.contracts import DEFAULTS, Contracts
+from components.validate.suites import where
 from llmops.spec import load_spec
 from tests.conftest import REPO
 
 SPEC = load_spec(REPO / "pipelines.yaml", env={})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tokenizer_model():
-    pull("smollm2-135m-instruct", SPEC.models["smollm2-135m-instruct"], SPEC.state_dir(REPO))
+pytestmark = pytest.mark.usefixtures("validate_tokenizer")
 
 
-@pytest.fixture
-def data():
-    return generate.generate(n_tickets=300, n_customers=60, seed=3)
-
-
-def _validate(tmp_path, data, cfg: ValidateSpec | None = None, **check_overrides):
+def _validate(tmp_path, data, cfg: ValidateSpec | None = None, contracts: dict | None = None, **check_overrides):
     if cfg is None:
         checks = Checks(**{k: v for k, v in check_overrides.items()})
-        cfg = ValidateSpec(checks=checks)
+        cfg = ValidateSpec(checks=checks, contracts=contracts_with(**(contracts or {})))
     ingest = tmp_path / "ingest"
     data.write(ingest)
     out = tmp_path / "validate"
@@ -44,6 +38,11 @@ def _validate(tmp_path, data, cfg: ValidateSpec | None = None, **check_overrides
     return run(cfg, io), out
 
 
+def contracts_with(**tables) -> Contracts:
+    """The default contracts with some tables' settings changed (columns kept)."""
+    return Contracts(**{t: DEFAULTS[t].model_copy(update=v) for t, v in tables.items()})
+
+
 def _failure(tmp_path, data, check: str, column: str, **kw) -> dict:
     """Run, expect a StageError, and return the one failed report row for (check, column)."""
     with pytest.raises(StageError) as err:
@@ -51,7 +50,7 @@ def _failure(tmp_path, data, check: str, column: str, **kw) -> dict:
     assert f"{check} on {column}" in str(err.value)
     report = json.loads((tmp_path / "validate" / "validation.json").read_text())
     failed = [c for c in report["checks"] if not c["success"]]
-    assert {(c["check"], c["column"]) for c in failed} == {(check, column)}, failed
+    assert {(c["check"], where(c)) for c in failed} == {(check, column)}, failed
     return failed[0]
 
 
@@ -59,10 +58,11 @@ def test_demo_data_passes_every_check(tmp_path):
     result, out = _validate(tmp_path, generate.generate())
     report = json.loads((out / "validation.json").read_text())
     assert report["success"] and report["failed_errors"] == 0 and report["failed_warnings"] == 0
-    assert report["expectations"] == 33
+    assert report["expectations"] == 88
     assert report["rows_in"] == report["rows_out"] == 2000
     assert {c["check"] for c in report["checks"]} == {
-        "schema", "text", "labels", "duplicates", "leakage", "time", "references", "pii"}
+        "schema", "text", "labels", "duplicates", "leakage", "time", "coverage", "pii", "contract", "references"}
+    assert {c["table"] for c in report["checks"]} == {"tickets", "customers", "customer_profiles", "articles"}
     assert result.metrics["quarantined"] == 0
     assert (out / "data_docs" / "index.html").exists()
     assert "tickets_rows" in (out / "data_docs" / "index.html").read_text()
@@ -86,7 +86,9 @@ def test_schema_wrong_type(tmp_path, data):
     # e.g. a Parquet export whose customer ids are numbers
     data.tickets["customer_id"] = data.tickets["customer_id"].str[5:].astype(int)
     data.customers["customer_id"] = data.customers["customer_id"].str[5:].astype(int)
-    row = _failure(tmp_path, data, "schema", "customer_id", references={"enabled": False})
+    off = {"enabled": False}
+    row = _failure(tmp_path, data, "schema", "customer_id", coverage=off,
+                   contracts={t: off for t in ("customers", "customer_profiles", "tickets")})
     assert row["observed"] == "int64"
     assert row["threshold"] == "type in ['str']"
 
@@ -111,7 +113,8 @@ def test_text_invalid_utf8(tmp_path, data):
     data.tickets.loc[9, "body"] = "refund please \udcff\udcfe"
     tickets = data.tickets.reset_index(drop=True)
     tickets.insert(0, ROW, range(len(tickets)))
-    tables = {"tickets": tickets, "customers": data.customers, "articles": data.articles}
+    tables = {"tickets": tickets, "customers": data.customers, "articles": data.articles,
+              "customer_profiles": data.customer_profiles}
     io = StageIO(pipeline="t", out_dir=tmp_path, state_dir=SPEC.state_dir(REPO), models=dict(SPEC.models))
     checked = derive_columns(tickets, tables, Checks(), (PrepareSpec().split, PrepareSpec().split_salt), io)
     rows = [r for res in run_suites(build_suites(Checks(), tables, checked), tmp_path / "docs")
@@ -189,13 +192,15 @@ def test_time_in_the_future(tmp_path, data):
 
 def test_time_outside_the_window(tmp_path, data):
     data.tickets.loc[41, "created_at"] = pd.Timestamp("2019-06-01", tz="UTC")
-    row = _failure(tmp_path, data, "time", "created_at")
+    # before its customer signed up and before any profile too: those are other checks
+    row = _failure(tmp_path, data, "time", "created_at", coverage={"enabled": False},
+                   contracts={"tickets": {"enabled": False}})
     assert "2019-06-01" in row["observed"] and "2020-01-01" in row["threshold"]
 
 
 def test_references_unknown_customer(tmp_path, data):
     data.tickets.loc[50, "customer_id"] = "CUST-0999"
-    row = _failure(tmp_path, data, "references", "customer_id")
+    row = _failure(tmp_path, data, "references", "customer_id", coverage={"enabled": False})  # no profile either
     assert 'e.g. ["CUST-0999"]' in row["observed"]
 
 
@@ -264,14 +269,14 @@ def test_quarantine_cannot_fix_table_level_failures(tmp_path, data):
 
 
 def test_warn_severity_records_and_continues(tmp_path, data):
-    data.tickets.loc[50, "customer_id"] = "CUST-0999"
-    result, out = _validate(tmp_path, data, references={"severity": "warn"})
+    data.customer_profiles.loc[3, "plan"] = "gold"
+    result, out = _validate(tmp_path, data, contracts={"customer_profiles": {"severity": "warn"}})
     assert result.metrics["failed_warnings"] == 1 and result.metrics["rows_out"] == 300
 
 
 def test_disabled_check_is_not_run(tmp_path, data):
-    data.tickets.loc[50, "customer_id"] = "CUST-0999"
-    result, out = _validate(tmp_path, data, references={"enabled": False})
+    data.tickets.loc[50, "channel"] = "fax"
+    result, out = _validate(tmp_path, data, contracts={"tickets": {"enabled": False}})
     report = json.loads((out / "validation.json").read_text())
-    assert "references" not in {c["check"] for c in report["checks"]}
+    assert "tickets" not in {c["table"] for c in report["checks"] if c["check"] == "contract"}
     assert result.metrics["failed_errors"] == 0

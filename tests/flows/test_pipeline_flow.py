@@ -197,7 +197,8 @@ def test_bad_data_stops_the_flow_at_validate(project, demo_small):
     bad = write_bad_dataset(project / "incoming", demo_small)
     proc = run_cli(["run", "--set", f"ingest.source={{kind: files, uri: {bad}}}"], cwd=project)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
+    assert ("validation failed: 3 error-level expectation(s): labels on intent, coverage on customer_id+created_at, "
+            "references on customer_id") in proc.stderr
     assert "Traceback" not in proc.stderr
     # The time table covers what ran, the failed stage named as such.
     times = proc.stdout[proc.stdout.index("time per stage"):]

@@ -242,7 +242,8 @@ def test_repro_stops_at_validate_on_bad_data(project, demo_small):
     assert "Running stage 'ingest'" in proc.stdout and "Running stage 'validate'" in proc.stdout
     for later in ("features", "prepare", "finetune"):
         assert f"Running stage '{later}'" not in proc.stdout
-    assert "validation failed: 2 error-level expectation(s): labels on intent, references on customer_id" in proc.stderr
+    assert ("validation failed: 3 error-level expectation(s): labels on intent, coverage on customer_id+created_at, "
+            "references on customer_id") in proc.stderr
     assert not (project / "artifacts" / "support-triage" / "prepare").exists()
 
 
