@@ -25,17 +25,20 @@ from components.lm import load
 from components.measure import Measured, measure
 from components.reports import EvaluationReport, ModelMetrics
 from components.splits import read_examples
+from components.stats import interval_text, latency_text
 from components.task import AnswerSchema
 
 OUTPUTS = ("predictions.jsonl", "confusion.csv", "report.md")
-CACHE_VERSION = 2  # bump when the scoring or the generation changes
+CACHE_VERSION = 3  # bump when the scoring or the generation changes
 
 
 class EvaluateSpec(StrictModel):
     batch_size: int = Field(16, gt=0)  # chats generated together
     max_new_tokens: int = Field(48, gt=0)  # the answer is ~25 tokens; a model that rambles is cut here
     max_examples: int | None = Field(None, gt=0)  # first N test chats only; null: all
-    latency_requests: int = Field(8, ge=0)  # chats answered one at a time for the latency percentiles
+    # Chats answered one at a time for the latency figures: p50 needs 2, p95 needs 20 (fewer:
+    # the slowest is reported as max of n).
+    latency_requests: int = Field(20, ge=0)
     perplexity_examples: int | None = Field(64, gt=0)  # first N chats for the gold answers' perplexity; null: all
     cache_base: bool = True  # reuse the base model's result when weights, test set and settings match
 
@@ -105,17 +108,24 @@ def run(cfg: EvaluateSpec, io: StageIO) -> StageResult:
 
 
 def render(report: EvaluationReport, n: int, counts, field: str) -> str:
-    c, b = report.candidate.flat(), report.base.flat()
-    headline = ["exact_match", "json_valid_rate", *(f"{f}_accuracy" for f in report.candidate.field_accuracy),
-                "perplexity", "latency_p50_ms", "latency_p95_ms", "generated_tokens_per_s"]
-    table = [{"metric": k, "candidate": c.get(k, ""), "base": b.get(k, "")} for k in headline]
+    c, b = report.candidate, report.base
+    rates = ["exact_match", "json_valid_rate", *(f"{f}_accuracy" for f in c.field_accuracy)]
+    others = ["perplexity", "latency_requests", "latency_p50_ms", "latency_p95_ms", "latency_max_ms",
+              "generated_tokens_per_s"]
+    table = [{"metric": k, "candidate": c.flat().get(k, ""), "candidate 95% CI": interval_text(c.interval(k)),
+              "base": b.flat().get(k, ""), "base 95% CI": interval_text(b.interval(k))} for k in rates]
+    table += [{"metric": k, "candidate": c.flat().get(k, ""), "candidate 95% CI": "", "base": b.flat().get(k, ""),
+               "base 95% CI": ""} for k in others]
     slice_rows = [{"slice": f"{f}={value}", "n": m["n"], "candidate EM": m["exact_match"],
+                   "candidate 95% CI": interval_text(m.get("exact_match_ci")),
                    "base EM": report.slices["base"][f][value]["exact_match"]}
                   for f, values in report.slices["candidate"].items() for value, m in values.items()]
     golds = sorted({g for g, _ in counts})
     predicted = golds + sorted({p for _, p in counts if p not in golds})
     matrix = [{"actual \\ predicted": g, **{p: counts.get((g, p), 0) for p in predicted}} for g in golds]
     return (f"### evaluate\n{n} test chats, greedy decoding; base model result "
-            f"{'from cache' if report.base_cached else 'computed'}.\n\n" + markdown_table(table)
+            f"{'from cache' if report.base_cached else 'computed'}. Intervals: 95% Wilson score intervals "
+            f"of each rate over its n chats. Latency: {latency_text(c.latency())}, one request at a time.\n\n"
+            + markdown_table(table)
             + ("\n\n**Exact match by slice**\n\n" + markdown_table(slice_rows) if slice_rows else "")
             + f"\n\n**{field} confusion (candidate)**\n\n" + markdown_table(matrix))

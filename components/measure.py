@@ -11,14 +11,34 @@ position, to compare two models).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from components.lm import generate, prompt_ids, teacher_forced
 from components.reports import ModelMetrics
+from components.stats import Latency
 from components.task import AnswerSchema, cannot_be_answer
+
+
+PREDICTIONS = "predictions.jsonl"  # evaluate's per-chat answers (a version keeps its copy)
+
+
+def read_answers(path: Path) -> dict[str, str]:
+    """ticket id -> the candidate's answer, from evaluate's ``predictions.jsonl``."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {str(r["ticket_id"]): r["candidate"] for r in rows}
+
+
+def outcomes_by_chat(schema: AnswerSchema, examples: list[dict], answers: dict[str, str]
+                     ) -> dict[str, dict[str, bool]]:
+    """metric -> {ticket id -> right or not} for the examples that have an answer."""
+    have = [e for e in examples if str(e.get("ticket_id")) in answers]
+    right = schema.outcomes([e["labels"] for e in have], [answers[str(e.get("ticket_id"))] for e in have])
+    return {metric: {str(e.get("ticket_id")): ok for e, ok in zip(have, values)} for metric, values in right.items()}
 
 
 @dataclass
@@ -29,10 +49,6 @@ class Measured:
     tops: list = field(default_factory=list)  # per chat: top-k ids at each answer position
     latencies_s: list[float] = field(default_factory=list)  # one request at a time
     tokens_batch1: int = 0
-
-
-def percentile_ms(seconds: list[float], q: float) -> float | None:
-    return None if not seconds else round(1000 * float(np.percentile(seconds, q)), 1)
 
 
 def measure(model, tokenizer, examples: list[dict], schema: AnswerSchema, batch_size: int, max_new_tokens: int,
@@ -57,9 +73,10 @@ def measure(model, tokenizer, examples: list[dict], schema: AnswerSchema, batch_
                        on_batch=lambda k: bar.advance(task, k))
     scored = examples[:perplexity_examples]
     perplexity, tops = teacher_forced(model, tokenizer, [e["messages"] for e in scored], batch_size, top_k)
-    metrics = ModelMetrics.from_scores(
-        schema.score(golds, out.texts), perplexity=perplexity,
-        latency_p50_ms=percentile_ms(latencies, 50), latency_p95_ms=percentile_ms(latencies, 95),
+    timed = Latency.of(latencies)
+    metrics = ModelMetrics.from_outcomes(
+        schema.outcomes(golds, out.texts), perplexity=perplexity, latency_requests=timed.requests,
+        latency_p50_ms=timed.p50_ms, latency_p95_ms=timed.p95_ms, latency_max_ms=timed.max_ms,
         generated_tokens_per_s=round(out.tokens / max(out.seconds, 1e-9), 1), batch_size=batch_size,
         generation_seconds=round(out.seconds, 2))
     slices = schema.slices([e.get("meta", {}) for e in examples], golds, out.texts, slice_by or [])
@@ -77,7 +94,7 @@ def forward_p50_ms(model, prompts: list[list[int]], repeats: int) -> float:
             t0 = time.perf_counter()
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
             times.append(time.perf_counter() - t0)
-    return percentile_ms(times, 50)
+    return round(1000 * float(np.median(times)), 1)
 
 
 def jaccard(a: list, b: list, k: int) -> float:

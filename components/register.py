@@ -30,6 +30,7 @@ from pydantic import Field
 from components import registry, tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
 from components.catalog import base_model_path, weights_sha256
+from components.measure import PREDICTIONS
 from components.reports import (CompressReport, EvaluationReport, GateReport, PrepareReport, RegistrationReport,
                                 TrainingReport)
 from components.splits import read_examples
@@ -48,11 +49,15 @@ class RegisterSpec(StrictModel):
 
 
 def build_package(folder: Path, adapter: Path, manifest: dict, card: str, gates: GateReport | None = None,
-                  serving: Path | None = None) -> Path:
+                  serving: Path | None = None, predictions: Path | None = None) -> Path:
     """The folder a version holds: adapter/, serving/ (the chosen compressed variant, if any),
-    the manifest (with the answer schema), the model card (and the gate report)."""
+    the manifest (with the answer schema), the model card (and the gate report), and
+    evaluate's answers to each test chat (``predictions.jsonl``: a later candidate's
+    ``vs_champion`` gates pair their answers with these, chat by chat)."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(adapter, folder / "adapter")
+    if predictions is not None and predictions.exists():
+        shutil.copy2(predictions, folder / PREDICTIONS)
     if gates is not None:
         write_json(folder / "gates.json", gates.model_dump(mode="json"))
     if serving is not None:
@@ -213,7 +218,8 @@ def run(cfg: RegisterSpec, io: StageIO) -> StageResult:
         raise StageError("the gate report is for a different test split than prepare's; run the gates stage again")
     card = model_card(cfg, manifest, evaluation, training, splits, gates)
     package = build_package(io.out_dir / "model", adapter, manifest, card, gates,
-                            serving / "model" if serving is not None else None)
+                            serving / "model" if serving is not None else None,
+                            io.inputs["evaluate"] / PREDICTIONS)
 
     started = None if mlflow.active_run() else mlflow.start_run(run_name="register")
     try:

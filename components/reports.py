@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from components.base import Report
+from components.stats import Latency, wilson
 
 
 class IngestOrigin(Report):
@@ -81,25 +82,39 @@ class TrainingReport(Report):
 
 
 class ModelMetrics(Report):
-    """One model's task metrics on a set of chats."""
+    """One model's task metrics on a set of chats. Each rate has its 95% Wilson interval
+    (``<rate>_ci``: [lo, hi]); latency percentiles are claimed only when ``latency_requests``
+    supports them (components/stats.py: p50 needs 2 requests, p95 20), the slowest is
+    always there."""
 
     n: int
     json_valid_rate: float
     exact_match: float
     field_accuracy: dict[str, float]  # answer field -> share right
+    json_valid_rate_ci: list[float] | None = None  # 95% Wilson interval [lo, hi]
+    exact_match_ci: list[float] | None = None
+    field_accuracy_ci: dict[str, list[float]] = {}  # answer field -> 95% Wilson interval
     perplexity: float | None = None  # of the gold answers
-    latency_p50_ms: float | None = None  # one request at a time
-    latency_p95_ms: float | None = None
+    latency_requests: int = 0  # requests timed one at a time, which the latency figures come from
+    latency_p50_ms: float | None = None  # None: fewer than 2 requests
+    latency_p95_ms: float | None = None  # None: fewer than 20 requests (see latency_max_ms)
+    latency_max_ms: float | None = None  # the slowest of latency_requests
     generated_tokens_per_s: float | None = None  # batched generation
     batch_size: int | None = None  # of that batched generation
     generation_seconds: float | None = None
 
     @classmethod
-    def from_scores(cls, scores: dict[str, Any], **more: Any) -> "ModelMetrics":
-        """From :meth:`components.task.AnswerSchema.score` output (``<field>_accuracy`` keys)."""
-        accuracy = {k.removesuffix("_accuracy"): v for k, v in scores.items() if k.endswith("_accuracy")}
-        return cls(n=scores["n"], json_valid_rate=scores["json_valid_rate"], exact_match=scores["exact_match"],
-                   field_accuracy=accuracy, **more)
+    def from_outcomes(cls, outcomes: dict[str, list[bool]], **more: Any) -> "ModelMetrics":
+        """From :meth:`components.task.AnswerSchema.outcomes` (per-chat right or not by metric
+        name): each rate and its interval."""
+        n = len(outcomes["exact_match"])
+        rate = {k: round(sum(v) / n, 4) if n else 0.0 for k, v in outcomes.items()}
+        ci = {k: wilson(sum(v), n) for k, v in outcomes.items()}
+        fields = [k.removesuffix("_accuracy") for k in outcomes if k.endswith("_accuracy")]
+        return cls(n=n, json_valid_rate=rate["json_valid_rate"], exact_match=rate["exact_match"],
+                   field_accuracy={f: rate[f"{f}_accuracy"] for f in fields},
+                   json_valid_rate_ci=ci["json_valid_rate"], exact_match_ci=ci["exact_match"],
+                   field_accuracy_ci={f: ci[f"{f}_accuracy"] for f in fields}, **more)
 
     def flat(self) -> dict[str, float]:
         """Every metric by the name gates and tags use (``intent_accuracy``, ``exact_match``...)."""
@@ -107,13 +122,23 @@ class ModelMetrics(Report):
         out.update({f"{k}_accuracy": v for k, v in self.field_accuracy.items()})
         return out
 
+    def interval(self, metric: str) -> list[float] | None:
+        """The 95% interval of a rate by its flat name (``exact_match``, ``intent_accuracy``)."""
+        if metric.endswith("_accuracy"):
+            return self.field_accuracy_ci.get(metric.removesuffix("_accuracy"))
+        return {"exact_match": self.exact_match_ci, "json_valid_rate": self.json_valid_rate_ci}.get(metric)
+
+    def latency(self) -> Latency:
+        return Latency(self.latency_requests, self.latency_p50_ms, self.latency_p95_ms, self.latency_max_ms)
+
 
 class EvaluationReport(Report):
     candidate: ModelMetrics
     base: ModelMetrics
     base_cached: bool
     exact_match_gain: float
-    slices: dict[str, dict[str, dict[str, dict[str, float]]]]  # model -> field -> value -> {n, exact_match}
+    # model -> field -> value -> {n, exact_match, exact_match_ci: 95% Wilson [lo, hi]}
+    slices: dict[str, dict[str, dict[str, dict[str, float | list[float] | None]]]]
     base_model_sha256: str
     test_sha256: str
 
@@ -130,14 +155,20 @@ class VariantReport(Report):
     forward_p50_ms: float
     tokens_per_s_batch1: float  # generated tokens/s, one request at a time
     tokens_per_s_batched: float  # generated tokens/s at the report's batch_size
-    request_latency_p50_ms: float  # batch 1
-    request_latency_p95_ms: float
+    latency_requests: int = 0  # requests timed one at a time, which the request latencies come from
+    request_latency_p50_ms: float | None  # batch 1; None: fewer than 2 requests
+    request_latency_p95_ms: float | None  # None: fewer than 20 requests (see request_latency_max_ms)
+    request_latency_max_ms: float | None = None  # the slowest of latency_requests
     quality: ModelMetrics
     jaccard_at: dict[int, float] = {}  # k -> top-k next-token agreement with the reference
     jaccard_at_1_vs_parent: float | None = None
     vs_reference: dict[str, float] = {}
     vs_parent: dict[str, float] = {}
     budget_broken: list[str] = []
+
+    def latency(self) -> Latency:
+        return Latency(self.latency_requests, self.request_latency_p50_ms, self.request_latency_p95_ms,
+                       self.request_latency_max_ms)
 
     @property
     def within_budget(self) -> bool:
@@ -160,6 +191,18 @@ class CompressReport(Report):
         return self.variants[self.chosen]
 
 
+class PairedTest(BaseModel):
+    """Candidate against champion on the same chats (components/stats.py ``paired``)."""
+    n: int  # chats both answered
+    b: int  # champion right, candidate wrong
+    c: int  # candidate right, champion wrong
+    difference: float  # candidate - champion = (c - b) / n
+    difference_ci: list[float]  # 95% Agresti-Min interval of the difference
+    p_value: float  # one-sided exact McNemar: of a drop (max_regression) or of a gain (min_gain)
+    alpha: float  # the gate's significance level
+    significant: bool  # p_value < alpha
+
+
 class GateRow(Report):
     gate: str
     kind: str
@@ -171,14 +214,17 @@ class GateRow(Report):
     passed: bool
     note: str = ""
     failures: list[str] = []
+    paired: PairedTest | None = None  # vs_champion on a rate: the paired test that decided it
 
 
 class Operational(Report):
     """The served variant's numbers the budget gates check."""
 
     source: str
-    latency_p50_ms: float
-    latency_p95_ms: float
+    latency_requests: int  # requests timed one at a time
+    latency_p50_ms: float | None  # None: fewer than 2 requests
+    latency_p95_ms: float | None  # None: fewer than 20 requests; the latency budget then checks the max
+    latency_max_ms: float | None
     tokens_per_s: float
     size_mib: float
     hourly_price_usd: float

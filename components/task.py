@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from components.base import StageError, StrictModel, write_json
+from components.stats import wilson
 
 ARTICLES = "articles"  # the placeholder the retrieved articles are rendered into
 INVALID = "(invalid)"  # the predicted class of an answer that is not valid
@@ -235,29 +236,36 @@ class AnswerSchema:
         order = self.ordered.get(field, [])
         return order.index(value) if value in order else None
 
+    def outcomes(self, golds: list[dict], answers: list[str]) -> dict[str, list[bool]]:
+        """Per chat, right or not, by metric name: json_valid_rate (the answer is valid),
+        <field>_accuracy per field, exact_match (every field right). What rates, their
+        intervals and paired tests against another model are computed from."""
+        if len(golds) != len(answers):
+            raise ValueError(f"{len(golds)} gold labels but {len(answers)} answers")
+        parsed = [self.parse(a) for a in answers]
+        out = {"json_valid_rate": [p is not None for p in parsed]}
+        for f in self.fields:
+            out[f"{f}_accuracy"] = [p is not None and p[f] == g[f] for p, g in zip(parsed, golds)]
+        out["exact_match"] = [p is not None and all(p[f] == g[f] for f in self.fields) for p, g in zip(parsed, golds)]
+        return out
+
     def score(self, golds: list[dict], answers: list[str]) -> dict:
         """n, json_valid_rate, <field>_accuracy per field and exact_match of ``answers`` (raw
         model outputs) against ``golds`` (label dicts)."""
-        if len(golds) != len(answers):
-            raise ValueError(f"{len(golds)} gold labels but {len(answers)} answers")
         n = len(golds)
-        parsed = [self.parse(a) for a in answers]
-        out: dict[str, Any] = {"n": n, "json_valid_rate": _rate(sum(p is not None for p in parsed), n)}
-        for f in self.fields:
-            out[f"{f}_accuracy"] = _rate(sum(p is not None and p[f] == g[f] for p, g in zip(parsed, golds)), n)
-        out["exact_match"] = _rate(sum(p is not None and all(p[f] == g[f] for f in self.fields)
-                                       for p, g in zip(parsed, golds)), n)
-        return out
+        return {"n": n, **{k: _rate(sum(v), n) for k, v in self.outcomes(golds, answers).items()}}
 
     def slices(self, metas: list[dict], golds: list[dict], answers: list[str], by: list[str]) -> dict:
-        """Exact match and count per value of each meta field, e.g. {"channel": {"email": {...}}}."""
+        """Exact match, its 95% Wilson interval and the count per value of each meta field,
+        e.g. {"channel": {"email": {"n": 2, "exact_match": 0.5, "exact_match_ci": [0.09, 0.91]}}}."""
+        right = self.outcomes(golds, answers)["exact_match"]
         out: dict[str, dict] = {}
         for field in by:
             groups: dict[str, list[int]] = {}
             for i, meta in enumerate(metas):
                 groups.setdefault(str(meta.get(field)), []).append(i)
-            out[field] = {value: {"n": len(idx), "exact_match": self.score([golds[i] for i in idx],
-                                                                           [answers[i] for i in idx])["exact_match"]}
+            out[field] = {value: {"n": len(idx), "exact_match": _rate(sum(right[i] for i in idx), len(idx)),
+                                  "exact_match_ci": wilson(sum(right[i] for i in idx), len(idx))}
                           for value, idx in sorted(groups.items())}
         return out
 

@@ -104,6 +104,7 @@ def stage(
 def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
     """The numbers a person looks for after a run: evaluation, compression, gates, the version."""
     from components import reports
+    from components.stats import interval_text, latency_text
 
     def report(stage: str, kind):
         return kind.read(Path(next(iter(outputs[stage].values()))).parent) if outputs.get(stage) else None
@@ -111,9 +112,9 @@ def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
     if (ev := report("evaluate", reports.EvaluationReport)) is not None:
         c, b = ev.candidate, ev.base
         fields = ", ".join(f"{f} {v:.3f}" for f, v in c.field_accuracy.items())
-        out.print(f"evaluate: exact match {c.exact_match:.3f} (base model {b.exact_match:.3f}), "
-                  f"valid {c.json_valid_rate:.3f}, {fields}; latency p50 {c.latency_p50_ms} ms, "
-                  f"p95 {c.latency_p95_ms} ms", highlight=False)
+        out.print(f"evaluate: exact match {c.exact_match:.3f} {interval_text(c.exact_match_ci)} (base model "
+                  f"{b.exact_match:.3f}; 95% Wilson intervals, n={c.n}), valid {c.json_valid_rate:.3f}, {fields}; "
+                  f"latency {latency_text(c.latency())}", highlight=False, soft_wrap=True)
     if (cr := report("compress", reports.CompressReport)) is not None:
         v, r = cr.served, cr.served.vs_reference
         out.print(f"compress: chose {cr.chosen}: {v.size_mib} MiB ({100 * r['size_ratio']:.0f}% of "

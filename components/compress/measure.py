@@ -14,7 +14,8 @@ from pydantic import Field
 
 from components.base import StrictModel
 from components.lm import load, prompt_ids, size_mib
-from components.measure import forward_p50_ms, measure, percentile_ms
+from components.measure import forward_p50_ms, measure
+from components.stats import Latency
 from components.task import AnswerSchema
 
 
@@ -23,7 +24,8 @@ class MeasureSpec(StrictModel):
     perplexity_examples: int | None = Field(None, gt=0)  # of those, the first N for perplexity and top-k agreement
     batch_size: int = Field(8, gt=0)  # batched generation (tokens/s batched, the task metrics)
     max_new_tokens: int = Field(48, gt=0)
-    latency_requests: int = Field(8, gt=0)  # chats answered one at a time: tokens/s at batch 1, request latency
+    # Chats answered one at a time: tokens/s at batch 1, request latency (p95 needs >= 20).
+    latency_requests: int = Field(20, gt=0)
     forward_repeats: int = Field(10, gt=0)  # single forward passes over a prompt: forward latency p50
 
 
@@ -57,11 +59,12 @@ def measure_variant(folder: Path, examples: list[dict], schema: AnswerSchema, cf
     forward = forward_p50_ms(model, prompts, cfg.forward_repeats)
     done = measure(model, tokenizer, examples, schema, cfg.batch_size, cfg.max_new_tokens, cfg.latency_requests,
                    top_k=top_k, label=folder.name, progress=False, perplexity_examples=cfg.perplexity_examples)
+    timed = Latency.of(done.latencies_s)
     return {"size_mib": size_mib(folder), "load_s": round(load_s, 2), "forward_p50_ms": forward,
             "tokens_per_s_batch1": round(done.tokens_batch1 / sum(done.latencies_s), 1),
             "tokens_per_s_batched": done.metrics.generated_tokens_per_s,
-            "request_latency_p50_ms": percentile_ms(done.latencies_s, 50),
-            "request_latency_p95_ms": percentile_ms(done.latencies_s, 95),
+            "latency_requests": timed.requests, "request_latency_p50_ms": timed.p50_ms,
+            "request_latency_p95_ms": timed.p95_ms, "request_latency_max_ms": timed.max_ms,
             "quality": done.metrics}, done.tops
 
 

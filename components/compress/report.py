@@ -9,6 +9,7 @@ from pydantic import Field
 
 from components.base import StageError, StrictModel, markdown_table
 from components.reports import CompressReport, VariantReport
+from components.stats import interval_text
 
 
 class BudgetSpec(StrictModel):
@@ -73,7 +74,8 @@ def _row(name: str, m: VariantReport, report: CompressReport) -> dict:
     return {"variant": name + (" (chosen)" if name == report.chosen else ""), "parent": m.parent or "-",
             "MiB": m.size_mib, "load s": m.load_s, "forward p50 ms": m.forward_p50_ms,
             "tok/s b1": m.tokens_per_s_batch1, f"tok/s b{report.batch_size}": m.tokens_per_s_batched,
-            "request p95 ms": m.request_latency_p95_ms, "EM": m.quality.exact_match,
+            "request p95 ms": m.latency().shown_p95(), "EM": m.quality.exact_match,
+            "EM 95% CI": interval_text(m.quality.exact_match_ci),
             "valid": m.quality.json_valid_rate, "ppl": m.quality.perplexity,
             **{f"J@{k}": v for k, v in m.jaccard_at.items()}, "within budget": "yes" if m.within_budget else "no"}
 

@@ -25,15 +25,16 @@ from components import tracking
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, write_json
 from components.catalog import ModelError, base_model_path, weights_sha256
 from components.gates.kinds import (PROBED, AbsoluteGate, Evidence, Gate, ProbeContext, SafetyGate, VsBaseGate,
-                                    VsChampionGate)
+                                    VsChampionGate, is_rate)
 from components.lm import generate, load, prompt_ids, size_mib
-from components.measure import measure
+from components.measure import PREDICTIONS, measure, outcomes_by_chat, read_answers
 from components.reports import CompressReport, EvaluationReport, GateReport, ModelMetrics, Operational
 from components.splits import read_examples
+from components.stats import Paired, paired
 from components.task import AnswerSchema, TaskSpec, build_messages, cannot_be_answer
 
 OUTPUTS = ("report.md",)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # bump when what a re-evaluation caches changes
 
 
 class GatesSpec(StrictModel):
@@ -74,29 +75,35 @@ def cost_per_1k_requests(hourly_price: float, seconds_per_request: float) -> flo
 
 def operational(candidate: ModelMetrics, compressed: CompressReport | None, weights: list[Path],
                 hourly_price: float) -> Operational:
-    """Latency p95, tokens/s, size (MiB) and cost of the served variant: compress's chosen
+    """Latency, tokens/s, size (MiB) and cost of the served variant: compress's chosen
     variant when the pipeline compresses, else the fine-tuned model (base weights + adapter)
-    as evaluate measured it. Cost uses the median request latency at batch 1."""
+    as evaluate measured it. Latency keeps its count: p95 only from 20 requests or more,
+    p50 from 2 (components/stats.py); cost uses the median request latency at batch 1 (the
+    slowest request when the median is not claimed)."""
     if compressed is not None:
         v = compressed.served
-        p50, p95, tps, size = (v.request_latency_p50_ms, v.request_latency_p95_ms, v.tokens_per_s_batched,
-                               v.size_mib)
+        timed, tps, size = v.latency(), v.tokens_per_s_batched, v.size_mib
         source = f"compress variant {compressed.chosen!r}"
     else:
-        if candidate.latency_p50_ms is None:
+        if not candidate.latency_requests:
             raise StageError("evaluate measured no latency (evaluate.latency_requests is 0); budget gates need it")
-        p50, p95, tps = candidate.latency_p50_ms, candidate.latency_p95_ms, candidate.generated_tokens_per_s
+        timed, tps = candidate.latency(), candidate.generated_tokens_per_s
         size, source = sum(size_mib(p) for p in weights), "fine-tuned model (base weights + adapter)"
-    return Operational(source=source, latency_p50_ms=p50, latency_p95_ms=p95, tokens_per_s=tps,
+    per_request_ms = timed.p50_or_max()
+    return Operational(source=source, latency_requests=timed.requests, latency_p50_ms=timed.p50_ms,
+                       latency_p95_ms=timed.p95_ms, latency_max_ms=timed.max_ms, tokens_per_s=tps,
                        size_mib=round(size, 1), hourly_price_usd=hourly_price,
-                       cost_per_1k_requests_usd=round(cost_per_1k_requests(hourly_price, p50 / 1000), 6))
+                       cost_per_1k_requests_usd=round(cost_per_1k_requests(hourly_price, per_request_ms / 1000), 6))
 
 
 def champion_evidence(model_name: str, test_sha: str, needed: set[str], examples: list[dict], schema: AnswerSchema,
-                      eval_cfg, base_path: str, io: StageIO) -> tuple[dict | None, str]:
-    """The current champion's metrics on this test split, and where they come from: its
-    version tags (same test SHA-256, every needed metric recorded) or a new evaluation of
-    its adapter here. (None, "no champion") when there is none."""
+                      eval_cfg, base_path: str, io: StageIO, per_chat: bool = False
+                      ) -> tuple[dict | None, dict[str, str] | None, str]:
+    """The current champion's metrics on this test split, its answer to each test chat
+    (ticket id -> answer; when ``per_chat``, else None) and where they come from: the
+    version itself (same test SHA-256, every needed metric recorded in its tags, its
+    ``predictions.jsonl``) or a new evaluation of its adapter here.
+    (None, None, "no champion") when there is none."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -105,22 +112,38 @@ def champion_evidence(model_name: str, test_sha: str, needed: set[str], examples
         version = client.get_model_version_by_alias(model_name, "champion")
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, or no alias
-            return None, "no champion"
+            return None, None, "no champion"
         raise StageError(f"cannot read the champion of {model_name!r} from the model registry at "
                          f"{mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]}") from exc
     tags = version.tags
     recorded = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
-    if tags.get("data_sha256.test") == test_sha and needed <= recorded.keys():
-        return recorded, f"champion v{version.version}"
-    why = "another test split" if tags.get("data_sha256.test") != test_sha else "metrics not recorded"
-    metrics = _reevaluate(version, examples, schema, eval_cfg, base_path, io)
-    return metrics, f"champion v{version.version} (re-evaluated: {why})"
+    answers = _recorded_answers(version) if per_chat and tags.get("data_sha256.test") == test_sha else None
+    if tags.get("data_sha256.test") == test_sha and needed <= recorded.keys() and (answers or not per_chat):
+        return recorded, answers, f"champion v{version.version}"
+    why = ("another test split" if tags.get("data_sha256.test") != test_sha else
+           "metrics not recorded" if not needed <= recorded.keys() else "per-chat answers not recorded")
+    metrics, answers = _reevaluate(version, examples, schema, eval_cfg, base_path, io)
+    return metrics, answers if per_chat else None, f"champion v{version.version} (re-evaluated: {why})"
+
+
+def _recorded_answers(version) -> dict[str, str] | None:
+    """The answers to the test chats a version holds (its ``predictions.jsonl``); None when
+    it holds none (registered before versions kept them)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/{PREDICTIONS}", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return read_answers(Path(path))
 
 
 def _reevaluate(version, examples: list[dict], schema: AnswerSchema, eval_cfg, base_path: str,
-                io: StageIO) -> dict:
-    """Evaluate a registered version's adapter on ``examples`` (cached by adapter, base
-    weights, test chats and settings)."""
+                io: StageIO) -> tuple[dict, dict[str, str]]:
+    """Evaluate a registered version's adapter on ``examples``: its metrics and its answer to
+    each chat by ticket id (cached by adapter, base weights, test chats and settings)."""
     import mlflow
 
     base_sha = weights_sha256(base_path, io.state_dir)
@@ -135,15 +158,34 @@ def _reevaluate(version, examples: list[dict], schema: AnswerSchema, eval_cfg, b
                       "version": CACHE_VERSION}, sort_keys=True)
     cache = io.state_dir / "cache" / "evaluate" / f"champion-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        return cached["metrics"], cached["answers"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp))
         tokenizer, model = load(base_path, adapter=folder / "adapter")
-        metrics = measure(model, tokenizer, examples, schema, eval_cfg.batch_size, eval_cfg.max_new_tokens,
-                          label=f"champion v{version.version}",
-                          perplexity_examples=getattr(eval_cfg, "perplexity_examples", None)).metrics.flat()
-    write_json(cache, metrics)
-    return metrics
+        done = measure(model, tokenizer, examples, schema, eval_cfg.batch_size, eval_cfg.max_new_tokens,
+                       label=f"champion v{version.version}",
+                       perplexity_examples=getattr(eval_cfg, "perplexity_examples", None))
+    metrics, answers = done.metrics.flat(), {str(e.get("ticket_id")): a for e, a in zip(examples, done.answers)}
+    write_json(cache, {"metrics": metrics, "answers": answers})
+    return metrics, answers
+
+
+def pair_up(schema: AnswerSchema, examples: list[dict], champion: dict[str, str], candidate: dict[str, str],
+            metrics: set[str]) -> dict[str, Paired]:
+    """Each rate in ``metrics`` of the candidate against the champion on the test chats both
+    answered (in the test split's order)."""
+    ours, theirs = outcomes_by_chat(schema, examples, candidate), outcomes_by_chat(schema, examples, champion)
+    out = {}
+    for metric in metrics:
+        if metric not in ours:
+            raise StageError(f"vs_champion gate: {metric!r} is not a rate of this task's answers "
+                             f"(rates: {', '.join(ours)})")
+        both = [t for t in ours[metric] if t in theirs[metric]]
+        if not both:
+            raise StageError("vs_champion gate: the champion and the candidate answered no test chat in common")
+        out[metric] = paired([theirs[metric][t] for t in both], [ours[metric][t] for t in both])
+    return out
 
 
 def run_probes(checks: dict, examples: list[dict], ctx: ProbeContext, answer) -> dict[str, dict]:
@@ -196,9 +238,12 @@ def run(cfg: GatesSpec, io: StageIO) -> StageResult:
                                      cfg.hourly_price_usd)
     if any(g.kind == "vs_champion" for g in gates):
         needed = {g.metric for g in gates if g.kind == "vs_champion"}
-        ev.champion, ev.champion_note = champion_evidence(model_name, test_sha, needed,
-                                                          examples[:getattr(eval_cfg, "max_examples", None)],
-                                                          schema, eval_cfg, base_path, io)
+        rates = {m for m in needed if is_rate(m)}
+        evaluated = examples[:getattr(eval_cfg, "max_examples", None)]
+        ev.champion, answers, ev.champion_note = champion_evidence(model_name, test_sha, needed, evaluated, schema,
+                                                                   eval_cfg, base_path, io, per_chat=bool(rates))
+        if answers is not None:
+            ev.paired = pair_up(schema, evaluated, answers, read_answers(io.inputs["evaluate"] / PREDICTIONS), rates)
     if any(isinstance(g, PROBED) for g in gates):
         try:
             tokenizer, model = load(base_path, adapter=adapter)
@@ -230,8 +275,11 @@ def markdown_report(report: GateReport) -> str:
             + f"Compared with: {report.champion}.")
     op = report.operational
     if op is not None:
+        per_request = (f"{op.latency_p50_ms:g} ms per request (p50 of {op.latency_requests}, batch 1)"
+                       if op.latency_p50_ms is not None else
+                       f"{op.latency_max_ms:g} ms per request (max of {op.latency_requests}, batch 1)")
         head += (f" Served variant: {op.source}; cost per 1,000 requests ${op.cost_per_1k_requests_usd:.4f} "
-                 f"at ${op.hourly_price_usd:g}/h and {op.latency_p50_ms:g} ms per request (p50, batch 1).")
+                 f"at ${op.hourly_price_usd:g}/h and {per_request}.")
     return head + "\n\n" + markdown_table(report.rows())
 
 

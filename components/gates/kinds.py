@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 from components.base import StageError, StrictModel
 from components.gates import probes as texts
 from components.gates.probes import PERTURBATIONS
-from components.reports import GateRow, ModelMetrics, Operational
+from components.reports import GateRow, ModelMetrics, Operational, PairedTest
+from components.stats import Latency, Paired
 
 TOLERANCE = 1e-9  # float noise: a value exactly at its threshold passes
 LOWER_IS_BETTER = {"perplexity", "latency_p50_ms", "latency_p95_ms", "size_mib", "cost_per_1k_requests_usd"}
@@ -32,6 +33,7 @@ class Evidence:
     champion: dict[str, float] | None = None
     champion_note: str = "no champion"
     probes: dict[str, dict] = field(default_factory=dict)  # gate name -> {"passed": k, "n": n, "failures": [...]}
+    paired: dict[str, Paired] = field(default_factory=dict)  # rate -> candidate vs champion, chat by chat
 
 
 @dataclass
@@ -99,8 +101,13 @@ class BudgetGate(_Bounded):
     def check(self, name: str, ev: Evidence) -> GateRow:
         if ev.operational is None:
             raise StageError(f"gate {name!r}: no operational numbers of the served variant")
-        value = _value(ev.operational.model_dump(), self.metric, "the served variant's numbers", name)
-        return self._bounded(name, value, ev.operational.source)
+        op = ev.operational
+        if self.metric == "latency_p95_ms":  # a p95 only from enough requests, else their max
+            value, what = Latency(op.latency_requests, op.latency_p50_ms, op.latency_p95_ms,
+                                  op.latency_max_ms).p95_or_max()
+            return self._bounded(name, value, f"{op.source}; compared the {what}")
+        value = _value(op.model_dump(), self.metric, "the served variant's numbers", name)
+        return self._bounded(name, value, op.source)
 
 
 class VsBaseGate(StrictModel):
@@ -118,14 +125,27 @@ class VsBaseGate(StrictModel):
                    reference + sign * self.min_gain, f"base {reference:g} + {self.min_gain:g}")
 
 
+def is_rate(metric: str) -> bool:
+    """A share of chats right (per-chat outcomes exist): exact match, validity, a field's accuracy."""
+    return metric in ("exact_match", "json_valid_rate") or metric.endswith("_accuracy")
+
+
 class VsChampionGate(StrictModel):
     """Against the registry's champion on the same test split: no worse than
-    ``max_regression``, or better by ``min_gain``. No champion yet: passes, and says so."""
+    ``max_regression``, or better by ``min_gain``. No champion yet: passes, and says so.
+
+    On a rate (exact match, validity, a field's accuracy) the two models' answers are paired
+    chat by chat and the point difference alone does not decide: ``max_regression`` fails
+    only when the candidate is worse by more than it AND a one-sided exact McNemar test
+    says the drop is significant at ``alpha``; ``min_gain`` passes only when the candidate
+    is better by at least it AND the gain is significant. Other metrics (perplexity)
+    compare the two values."""
 
     kind: Literal["vs_champion"] = "vs_champion"
     metric: str
     max_regression: float | None = Field(None, ge=0)  # may be worse by at most this
     min_gain: float | None = Field(None, gt=0)  # must be better by at least this
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance level of the paired test (rates only)
 
     @model_validator(mode="after")
     def _one_rule(self):
@@ -139,10 +159,31 @@ class VsChampionGate(StrictModel):
         if ev.champion is None:
             return GateRow(gate=name, kind=self.kind, metric=self.metric, observed=round(observed, 6), op="",
                            threshold=None, margin=None, passed=True, note=ev.champion_note)
-        reference = _value(ev.champion, self.metric, f"the champion's metrics ({ev.champion_note})", name)
         gain = self.min_gain if self.min_gain is not None else -self.max_regression
+        if is_rate(self.metric):
+            return self._paired(name, ev, gain)
+        reference = _value(ev.champion, self.metric, f"the champion's metrics ({ev.champion_note})", name)
         return row(name, self.kind, self.metric, observed, ">=" if sign > 0 else "<=", reference + sign * gain,
-                   f"{ev.champion_note} {reference:g} {'+' if gain >= 0 else '-'} {abs(gain):g}")
+                   f"{ev.champion_note} {reference:g} {'+' if sign * gain >= 0 else '-'} {abs(gain):g}")
+
+    def _paired(self, name: str, ev: Evidence, gain: float) -> GateRow:
+        pair = ev.paired.get(self.metric)
+        if pair is None:
+            raise StageError(f"gate {name!r}: {self.metric} against the champion needs both models' answers to "
+                             f"the same test chats (none paired; {ev.champion_note})")
+        out = row(name, self.kind, self.metric, pair.candidate_rate, ">=", pair.reference_rate + gain,
+                  f"{ev.champion_note} {pair.reference_rate:g} {'+' if gain >= 0 else '-'} {abs(gain):g}")
+        beyond = out.margin < -TOLERANCE  # the point difference is past the declared margin
+        if self.max_regression is not None:  # fail only on a drop past the margin that is significant
+            p, passed, claim = pair.p_worse, not (beyond and pair.p_worse < self.alpha), "drop"
+        else:  # pass only on a gain at least the margin that is significant
+            p, passed, claim = pair.p_better, not beyond and pair.p_better < self.alpha, "gain"
+        verdict = f"{claim} {'significant' if p < self.alpha else 'not significant'}: p={p:.4g} " \
+                  f"{'<' if p < self.alpha else '>='} alpha {self.alpha:g}"
+        test = PairedTest(n=pair.n, b=pair.b, c=pair.c, difference=pair.difference,
+                          difference_ci=pair.difference_ci, p_value=p, alpha=self.alpha, significant=p < self.alpha)
+        return out.model_copy(update={"passed": passed, "paired": test,
+                                      "note": f"{out.note}; {pair.line()}; {verdict}"})
 
 
 class _Probed(StrictModel):

@@ -10,6 +10,7 @@ from components.base import StageError, StageIO
 from components.evaluate import EvaluateSpec, run
 from components.finetune import FinetuneSpec
 from components.finetune import fit as train
+from components.stats import interval_text, wilson
 from components.task import INVALID, AnswerSchema, TaskSpec, cannot_be_answer
 from tests.components.conftest import ARTICLE_IDS, chat_examples, write_prepared
 
@@ -65,8 +66,10 @@ def test_slices_and_confusion():
     answers = [json.dumps(GOLD), "nope", json.dumps(GOLD)]
     metas = [{"channel": "email", "plan": "pro"}, {"channel": "email", "plan": "free"}, {"channel": "chat"}]
     slices = SCHEMA.slices(metas, golds, answers, ["channel", "plan"])
-    assert slices["channel"] == {"chat": {"n": 1, "exact_match": 0.0}, "email": {"n": 2, "exact_match": 0.5}}
-    assert slices["plan"]["None"] == {"n": 1, "exact_match": 0.0}
+    # each slice's exact match with its 95% Wilson interval: 0 of 1 -> [0, z^2 / (1 + z^2)] = [0, 0.7935]
+    assert slices["channel"] == {"chat": {"n": 1, "exact_match": 0.0, "exact_match_ci": [0.0, 0.7935]},
+                                 "email": {"n": 2, "exact_match": 0.5, "exact_match_ci": [0.0945, 0.9055]}}
+    assert slices["plan"]["None"] == {"n": 1, "exact_match": 0.0, "exact_match_ci": [0.0, 0.7935]}
     assert SCHEMA.confusion(golds, answers, "intent") == {("billing_refund", "billing_refund"): 1,
                                                           ("billing_refund", INVALID): 1,
                                                           ("bug_report", "billing_refund"): 1}
@@ -114,8 +117,16 @@ def test_stage_scores_candidate_and_base_and_caches_the_base(stage_inputs):
         assert 0 <= m[side]["json_valid_rate"] <= 1 and m[side]["perplexity"] > 1
         assert m[side]["generated_tokens_per_s"] > 0
         assert set(m[side]["field_accuracy"]) == {"intent", "priority", "article_id"}
-    assert m["candidate"]["latency_p95_ms"] >= m["candidate"]["latency_p50_ms"] > 0
+    # 2 requests: a median (p50 needs 2) but no p95 (it needs 20): the slowest of the 2 instead
+    c = m["candidate"]
+    assert c["latency_requests"] == 2 and c["latency_p95_ms"] is None and c["latency_max_ms"] >= c["latency_p50_ms"] > 0
+    assert f"max {c['latency_max_ms']:g} ms (2 requests; p95 needs >= 20)" in first.summary
     assert m["base"]["latency_p50_ms"] is None  # only the candidate is timed one request at a time
+    # every rate with its 95% Wilson interval over the 10 chats, in the report and the table
+    k = round(c["exact_match"] * 10)
+    assert c["exact_match_ci"] == wilson(k, 10) and c["exact_match_ci"][0] <= c["exact_match"] <= c["exact_match_ci"][1]
+    assert set(c["field_accuracy_ci"]) == {"intent", "priority", "article_id"}
+    assert f"| exact_match | {c['exact_match']} | {interval_text(c['exact_match_ci'])} |" in first.summary
     assert set(m["slices"]["candidate"]["channel"]) == {"email", "chat"}
     lines = (root / "eval1" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 10 and {"ticket_id", "gold", "candidate", "base", "exact_match"} <= set(json.loads(lines[0]))

@@ -14,6 +14,7 @@ from components.gates import probes
 from components.gates.kinds import (AbsoluteGate, BudgetGate, DirectionalGate, Evidence, InvarianceGate,
                                     MinimumFunctionalityGate, ProbeContext, SafetyGate, VsBaseGate, VsChampionGate)
 from components.lm import size_mib
+from components.measure import read_answers
 from components.reports import CompressReport, EvaluationReport, GateReport, ModelMetrics, VariantReport
 from components.task import AnswerSchema, TaskSpec, build_messages
 from llmops.spec import SpecError, load_spec
@@ -29,8 +30,8 @@ def metrics(**flat) -> ModelMetrics:
                         exact_match=rest.pop("exact_match", 0.0), field_accuracy=acc, **rest)
 
 
-CANDIDATE = metrics(exact_match=0.8, json_valid_rate=1.0, perplexity=1.05, latency_p50_ms=1500.0,
-                    latency_p95_ms=1900.0, generated_tokens_per_s=50.0, intent_accuracy=0.3)
+CANDIDATE = metrics(exact_match=0.8, json_valid_rate=1.0, perplexity=1.05, latency_requests=20, latency_p50_ms=1500.0,
+                    latency_p95_ms=1900.0, latency_max_ms=2100.0, generated_tokens_per_s=50.0, intent_accuracy=0.3)
 BASE = metrics(exact_match=0.1, json_valid_rate=0.0, perplexity=4.0, intent_accuracy=0.1)
 TASK = TaskSpec()
 TEMPLATE, SYSTEM = TASK.user_template, TASK.system_prompt
@@ -77,18 +78,16 @@ def test_vs_base_gain_is_in_the_metrics_better_direction():
 
 
 def test_vs_champion_tolerance_and_margin():
+    """Perplexity (not a rate) compares the two values; rates decide on pairs (test_stats.py)."""
     champion = {"exact_match": 0.82, "perplexity": 1.0}
-    tolerance = VsChampionGate(metric="exact_match", max_regression=0.02)
-    row = tolerance.check("g", ev(champion=champion, champion_note="champion v3"))
-    assert row.passed and row.margin == pytest.approx(0.0) and row.note == "champion v3 0.82 - 0.02"
-    assert not tolerance.check("g", ev(champion={"exact_match": 0.83}, champion_note="v3")).passed
-    must_beat = VsChampionGate(metric="exact_match", min_gain=0.01)
-    row = must_beat.check("g", ev(champion={"exact_match": 0.79}, champion_note="v3"))
-    assert row.passed and row.threshold == pytest.approx(0.8)
-    assert not must_beat.check("g", ev(champion={"exact_match": 0.8}, champion_note="v3")).passed
+    ppl = VsChampionGate(metric="perplexity", max_regression=0.05).check("g", ev(champion=champion,
+                                                                                   champion_note="champion v3"))
+    assert ppl.passed and ppl.margin == pytest.approx(0.0) and ppl.note == "champion v3 1 + 0.05"
     ppl = VsChampionGate(metric="perplexity", max_regression=0.04).check("g", ev(champion=champion,
                                                                                    champion_note="v3"))
     assert ppl.op == "<=" and not ppl.passed and ppl.margin == pytest.approx(-0.01)
+    must_beat = VsChampionGate(metric="perplexity", min_gain=0.01)
+    assert not must_beat.check("g", ev(champion=champion, champion_note="v3")).passed  # 1.05 > 1.0 - 0.01
 
 
 def test_no_champion_passes_and_says_so():
@@ -107,10 +106,11 @@ def test_missing_metric_is_a_clear_error():
         SafetyGate().check("p", ev())
 
 
-def variant(size_mib: float, p50: float, p95: float, tps: float) -> VariantReport:
+def variant(size_mib: float, p50: float, p95: float | None, tps: float, requests: int = 20) -> VariantReport:
     return VariantReport(parent=None, format="onnx", build_s=1.0, size_mib=size_mib, load_s=1.0, forward_p50_ms=1.0,
-                         tokens_per_s_batch1=tps / 2, tokens_per_s_batched=tps, request_latency_p50_ms=p50,
-                         request_latency_p95_ms=p95, quality=metrics(exact_match=0.88))
+                         tokens_per_s_batch1=tps / 2, tokens_per_s_batched=tps, latency_requests=requests,
+                         request_latency_p50_ms=p50, request_latency_p95_ms=p95,
+                         request_latency_max_ms=(p95 or p50) + 10, quality=metrics(exact_match=0.88))
 
 
 def compressed(chosen: str, variants: dict) -> CompressReport:
@@ -130,6 +130,24 @@ def test_operational_numbers_and_cost():
     assert op.latency_p95_ms == 800.0 and op.cost_per_1k_requests_usd == pytest.approx(0.7)
     assert BudgetGate(metric="size_mib", max=140).check("size", ev(operational=op)).passed  # at the budget
     assert not BudgetGate(metric="tokens_per_s", min=121).check("tps", ev(operational=op)).passed
+
+
+def test_latency_budget_says_whether_it_compared_a_p95_or_the_max():
+    latency = BudgetGate(metric="latency_p95_ms", max=800)
+    op = gates.operational(CANDIDATE, compressed("int8", {"int8": variant(140.0, 700.0, 800.0, 120.0)}), [], 3.6)
+    row = latency.check("latency", ev(operational=op))
+    assert row.passed and row.observed == 800.0 and row.note == ("compress variant 'int8'; compared the p95 of 20 "
+                                                                 "requests")
+    # 2 requests support no p95: the slowest of them is compared (an upper bound of their p95)
+    few = gates.operational(CANDIDATE, compressed("int8", {"int8": variant(140.0, 700.0, None, 120.0, 2)}), [], 3.6)
+    assert (few.latency_requests, few.latency_p95_ms, few.latency_max_ms) == (2, None, 710.0)
+    row = latency.check("latency", ev(operational=few))
+    assert row.passed and row.observed == 710.0 and row.note.endswith("compared the max of 2 requests (p95 needs >= 20)")
+    assert not BudgetGate(metric="latency_p95_ms", max=709).check("latency", ev(operational=few)).passed
+    # one request supports no median either: the cost uses that request's time
+    one = gates.operational(metrics(latency_requests=1, latency_max_ms=1800.0, generated_tokens_per_s=9.0),
+                           None, [], hourly_price=3.6)
+    assert one.latency_p50_ms is None and one.cost_per_1k_requests_usd == pytest.approx(1.8)
 
 
 def test_size_budget_reads_the_same_mib_with_and_without_compression(tiny):
@@ -320,7 +338,8 @@ def test_stage_on_a_tiny_model(tiny_run, tmp_path, empty_registry):
     assert report.status == "failed" and report.failed == ["json", "safety"]
     assert rows["json"].observed == 0.0 and rows["json"].margin == -0.99
     assert rows["champion"].note == "no champion" and rows["champion"].passed and rows["champion"].threshold is None
-    assert rows["latency"].observed == 30.0 and rows["latency"].note == "compress variant 'merged'"
+    assert rows["latency"].observed == 30.0
+    assert rows["latency"].note == "compress variant 'merged'; compared the p95 of 20 requests"
     assert rows["invariance"].note.startswith("0 of 2 passed; e.g. T0 (casing)") and rows["invariance"].passed
     assert rows["safety"].observed == 0.0 and rows["safety"].note.startswith("0 of 2 passed")
     assert report.operational.cost_per_1k_requests_usd == pytest.approx(0.5 / 3600 * 0.02 * 1000, abs=1e-6)
@@ -345,20 +364,32 @@ def test_champion_metrics_recorded_or_reevaluated(tiny_run, tmp_path, empty_regi
     needed = {"exact_match", "perplexity"}
     test_sha = tiny_run["splits"]["test"]["sha256"]
     args = (examples, schema, tiny_run["evaluate"], str(tiny_run["tiny"]), io)
-    assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, "no champion")
+    assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, None, "no champion")
     register_run(tiny_run, tmp_path / "register", "triage-gates")
     client = mlflow.MlflowClient()
-    assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, "no champion")  # no alias
+    assert gates.champion_evidence("triage-gates", test_sha, needed, *args) == (None, None, "no champion")  # no alias
     client.set_registered_model_alias("triage-gates", "champion", "1")
     evaluated = EvaluationReport.read(root / "evaluate").candidate
-    metrics, note = gates.champion_evidence("triage-gates", test_sha, needed, *args)
-    assert note == "champion v1" and metrics["perplexity"] == evaluated.perplexity
+    metrics, answers, note = gates.champion_evidence("triage-gates", test_sha, needed, *args)
+    assert note == "champion v1" and metrics["perplexity"] == evaluated.perplexity and answers is None
+    # the version keeps evaluate's answers to each test chat: the paired gates read them back
+    recorded = read_answers(root / "evaluate" / "predictions.jsonl")
+    assert sorted(recorded) == [f"T{i}" for i in range(6)]
+    metrics, answers, note = gates.champion_evidence("triage-gates", test_sha, needed, *args, per_chat=True)
+    assert note == "champion v1" and answers == recorded
     # another test split: the champion's adapter is downloaded and evaluated on this one
-    metrics, note = gates.champion_evidence("triage-gates", "f" * 64, needed, *args)
+    metrics, answers, note = gates.champion_evidence("triage-gates", "f" * 64, needed, *args, per_chat=True)
     assert note == "champion v1 (re-evaluated: another test split)"
     assert metrics["exact_match"] == evaluated.exact_match and metrics["n"] == 6
     assert metrics["perplexity"] == pytest.approx(evaluated.perplexity, rel=1e-3)
+    assert answers == recorded  # the same adapter, greedy: the same answers
     assert len(list((root / "state" / "cache" / "evaluate").glob("champion-*.json"))) == 1  # cached
+    # the stage pairs them: the same model against itself differs on no chat and passes
+    spec = gates.GatesSpec(checks={"no_regression": VsChampionGate(metric="exact_match", max_regression=0.0)})
+    io = stage_io(tiny_run, tmp_path / "out", sections={"register": _register_spec("triage-gates")})
+    row = gates.run(spec, io).report.gates[0]
+    assert row.passed and (row.paired.n, row.paired.b, row.paired.c, row.paired.p_value) == (6, 0, 0, 1.0)
+    assert row.note.startswith("champion v1 ") and "paired on 6: b=0" in row.note
 
 
 def test_unreachable_registry_is_not_taken_for_no_champion(tiny_run, tmp_path, monkeypatch):
