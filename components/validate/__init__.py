@@ -27,6 +27,8 @@ from components.pii import find_pii, redact_pii
 from components.reports import ValidationReport
 from components.splits import SPLITS, SplitFractions, split_of
 from components.task import TaskSpec
+from components.validate import leakage
+from components.validate.leakage import NearDuplicates
 from components.validate.suites import ROW, _report_rows, _write_quarantine, build_suites, print_report, run_suites
 
 __all__ = ["ROW", "Checks", "ValidateSpec", "build_suites", "derive_columns", "find_pii", "redact_pii", "run",
@@ -73,12 +75,16 @@ class PiiCheck(Check):
     max_share: float = Field(0.01, ge=0, le=1)  # flagged when more rows than this carry PII
 
 
+class LeakageCheck(Check):
+    near_duplicates: NearDuplicates = NearDuplicates()  # near copies in train (components/validate/leakage.py)
+
+
 class Checks(StrictModel):
     schema_: SchemaCheck = Field(SchemaCheck(), alias="schema")
     text: TextCheck = TextCheck()
     labels: LabelCheck = LabelCheck()
     duplicates: Check = Check()
-    leakage: Check = Check()
+    leakage: LeakageCheck = LeakageCheck()
     time: TimeCheck = TimeCheck()
     references: Check = Check()
     pii: PiiCheck = PiiCheck()
@@ -120,9 +126,16 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
         for row in r["rows"]:
             bad_rows.setdefault(row, []).append(f"{r['check']}: {r['expectation']} on {r['column']}")
     quarantine = cfg.on_fail == "quarantine" and not table_level
+    moved = set(bad_rows) if quarantine else set()
+    near_cfg = cfg.checks.leakage.near_duplicates
+    near_failed = any(not r["success"] and r["column"] == leakage.SHOWN for r in report)
+    near_rows = leakage.quarantine_rows(checked, near_cfg, near_failed, ROW)
+    for row, why in near_rows.items():
+        bad_rows.setdefault(row, []).append(why)  # its own action: quarantined whatever on_fail says
+        moved.add(row)
     tickets = checked[list(tickets.columns)]  # with text repaired where it was not valid UTF-8
-    keep = tickets[~tickets[ROW].isin(bad_rows)] if quarantine else tickets
-    quarantined = tickets[tickets[ROW].isin(bad_rows)] if quarantine else tickets.iloc[0:0]
+    keep = tickets[~tickets[ROW].isin(moved)]
+    quarantined = tickets[tickets[ROW].isin(moved)]
 
     _write_quarantine(io.out_dir / "quarantine.jsonl", quarantined, bad_rows)
     for name in TABLES:
@@ -140,9 +153,15 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
         "expectations": len(report),
         "seconds": round(time.perf_counter() - started, 2),
         "checks": [{k: v for k, v in r.items() if k not in ("rows", "row_level")} for r in report],
+        "near_duplicates": None,
     }
+    if "_near_duplicate" in checked:
+        near = leakage.summarise(checked, _text(checked), near_cfg, near_failed, len(near_rows))
+        summary["near_duplicates"] = near.model_dump(mode="json")
     write_json(io.out_dir / "validation.json", summary)
     print_report(summary)
+    if summary["near_duplicates"]:
+        leakage.print_summary(near)
     if failed_errors and not quarantine:
         names = ", ".join(f"{r['check']} on {r['column']}" for r in failed_errors)
         why = " (table-level checks cannot be quarantined)" if cfg.on_fail == "quarantine" else ""
@@ -180,9 +199,8 @@ def derive_columns(tickets: pd.DataFrame, tables: dict[str, pd.DataFrame], check
             # and let the flag carry the finding.
             df[col] = df[col].where(ok, df[col].map(_repair_utf8))
     df["_valid_utf8"] = valid
-    subject = df["subject"] if "subject" in has else pd.Series([None] * len(df))
+    text = _text(df)
     body = df["body"] if "body" in has else pd.Series([None] * len(df))
-    text = subject.fillna("").astype(str) + "\n" + body.fillna("").astype(str)
     df["_body_blank"] = body.map(lambda b: not isinstance(b, str) or not b.strip())
     if checks.text.enabled:
         df["_n_tokens"] = count_tokens(text.tolist(), checks.text.tokenizer, io)
@@ -196,8 +214,17 @@ def derive_columns(tickets: pd.DataFrame, tables: dict[str, pd.DataFrame], check
         order = df["_split"].map(SPLITS.index)
         first_split = order.groupby(norm).transform("min")
         df["_leaks"] = order > first_split  # same text already in an earlier split (train < validation < test)
+        if checks.leakage.enabled and checks.leakage.near_duplicates.enabled:
+            leakage.add_columns(df, text, checks.leakage.near_duplicates, tables.get("customers"))
     df["_pii"] = text.map(lambda t: bool(find_pii(t)))
     return df
+
+
+def _text(df: pd.DataFrame) -> pd.Series:
+    """Subject and body, one text per ticket (what the text checks look at)."""
+    parts = [df[c].fillna("").astype(str) if c in df else pd.Series([""] * len(df), index=df.index)
+             for c in ("subject", "body")]
+    return parts[0] + "\n" + parts[1]
 
 
 def _repair_utf8(value):
