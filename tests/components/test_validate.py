@@ -58,8 +58,15 @@ def _failure(tmp_path, data, check: str, column: str, **kw) -> dict:
 def test_demo_data_passes_every_check(tmp_path):
     result, out = _validate(tmp_path, generate.generate())
     report = json.loads((out / "validation.json").read_text())
-    assert report["success"] and report["failed_errors"] == 0 and report["failed_warnings"] == 0
-    assert report["expectations"] == 33
+    assert report["success"] and report["failed_errors"] == 0
+    # The demo writes every ticket from 3 body templates per intent: every validation and test
+    # ticket has a near copy in train. That is recorded as the one warning, and the run goes on.
+    assert report["failed_warnings"] == 1
+    (warned,) = [c for c in report["checks"] if not c["success"]]
+    assert (warned["check"], warned["column"], warned["severity"]) == ("leakage", "subject+body (near-duplicate)", "warn")
+    near = report["near_duplicates"]
+    assert near["pairs"] == near["checked"] > 300 and near["action"] == "warn" and not near["success"]
+    assert report["expectations"] == 34
     assert report["rows_in"] == report["rows_out"] == 2000
     assert {c["check"] for c in report["checks"]} == {
         "schema", "text", "labels", "duplicates", "leakage", "time", "references", "pii"}
