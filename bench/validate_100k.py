@@ -9,7 +9,7 @@ and writing the outputs. Prints one JSON line with the figures and the CPU's fla
 provisioned (run `llmops models pull` first).
 
 Expected duration with the defaults, on 2 cores: about 2 min (generating 100,000 tickets
-~1.5 min, the stage ~15-20 s).
+~1.5 min, the stage ~15-20 s before the near-duplicate check, which adds ~18 s of CPU).
 """
 from __future__ import annotations
 

@@ -31,6 +31,31 @@ class IngestReport(Report):
     extra: list[IngestOrigin] = []
 
 
+class NearDuplicatePair(Report):
+    """An evaluation ticket and its most similar training ticket (texts shortened)."""
+    ticket_id: str
+    split: str  # validation or test
+    train_ticket_id: str
+    similarity: float  # Jaccard of the two shingle sets, 0..1
+    text: str
+    train_text: str
+
+
+class NearDuplicateReport(Report):
+    """Validation and test tickets with a near copy in the training split."""
+    checked: int  # validation + test tickets compared with the training split
+    pairs: int  # of those, how many have a training ticket at or above the similarity
+    share: float  # pairs / checked
+    by_split: dict[str, int]  # validation / test -> pairs
+    similarity: float  # the threshold (Jaccard)
+    shingle: str  # e.g. "words 3-grams"
+    max_share: float
+    action: Literal["warn", "error", "quarantine"]
+    success: bool  # share <= max_share
+    quarantined: int  # rows set aside for it (action quarantine)
+    examples: list[NearDuplicatePair] = []
+
+
 class ValidationReport(Report):
     success: bool
     rows_in: int
@@ -40,6 +65,7 @@ class ValidationReport(Report):
     failed_errors: int
     failed_warnings: int
     expectations: int
+    near_duplicates: NearDuplicateReport | None = None  # None: the check did not run
 
 
 class FeaturesReport(Report):

@@ -27,7 +27,9 @@ from components.pii import find_pii, redact_pii
 from components.reports import ValidationReport
 from components.splits import SPLITS, SplitFractions, split_of
 from components.task import TaskSpec
+from components.validate import leakage
 from components.validate.contracts import ORDER, Contracts, coverage, derive, expectations
+from components.validate.leakage import NearDuplicates
 from components.validate.suites import (ROW, _report_rows, _write_quarantine, build_suites, docs_context, print_report,
                                         run_suites, where)
 
@@ -81,12 +83,16 @@ class PiiCheck(Check):
     max_share: float = Field(0.01, ge=0, le=1)  # flagged when more rows than this carry PII
 
 
+class LeakageCheck(Check):
+    near_duplicates: NearDuplicates = NearDuplicates()  # near copies in train (components/validate/leakage.py)
+
+
 class Checks(StrictModel):
     schema_: SchemaCheck = Field(SchemaCheck(), alias="schema")
     text: TextCheck = TextCheck()
     labels: LabelCheck = LabelCheck()
     duplicates: Check = Check()
-    leakage: Check = Check()
+    leakage: LeakageCheck = LeakageCheck()
     time: TimeCheck = TimeCheck()
     coverage: CoverageCheck = CoverageCheck()
     pii: PiiCheck = PiiCheck()
@@ -149,11 +155,21 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
 
     failed_errors = [r for r in report if not r["success"] and r["severity"] == "error"]
     quarantine = can_quarantine  # on_fail: quarantine, and no table-level failure anywhere
-    _write_quarantine(io.out_dir / "quarantine.jsonl", quarantined if quarantine else {})
+    near_cfg = cfg.checks.leakage.near_duplicates
+    near_failed = any(not r["success"] and r["column"] == leakage.SHOWN for r in report)
+    near_rows = leakage.quarantine_rows(checked, near_cfg, near_failed, ROW)
+    if near_rows:  # its own action: quarantined whatever on_fail says
+        gone, reasons = quarantined["tickets"]
+        for row, why in near_rows.items():
+            reasons.setdefault(row, []).append(why)
+        moved = keep[ROW].isin(near_rows)
+        quarantined["tickets"] = (pd.concat([gone, keep[moved]]), reasons)
+        keep = keep[~moved]
+    _write_quarantine(io.out_dir / "quarantine.jsonl", quarantined)
     for name in TABLES:
-        frame = keep if name == "tickets" else (kept[name] if quarantine else tables[name])
+        frame = keep if name == "tickets" else kept[name]  # kept: every row unless quarantined
         frame.drop(columns=[ROW]).to_parquet(io.out_dir / f"{name}.parquet", index=False)
-    n_quarantined = {n: int(len(q[0])) for n, q in quarantined.items() if quarantine and len(q[0])}
+    n_quarantined = {n: int(len(q[0])) for n, q in quarantined.items() if len(q[0])}
     summary = {
         "success": not failed_errors,
         "on_fail": cfg.on_fail,
@@ -167,9 +183,15 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
         "expectations": len(report),
         "seconds": round(time.perf_counter() - started, 2),
         "checks": [{k: v for k, v in r.items() if k not in ("rows", "row_level")} for r in report],
+        "near_duplicates": None,
     }
+    if "_near_duplicate" in checked:
+        near = leakage.summarise(checked, _text(checked), near_cfg, near_failed, len(near_rows))
+        summary["near_duplicates"] = near.model_dump(mode="json")
     write_json(io.out_dir / "validation.json", summary)
     print_report(summary)
+    if summary["near_duplicates"]:
+        leakage.print_summary(near)
     if failed_errors and not quarantine:
         names = ", ".join(f"{r['check']} on {where(r)}" for r in failed_errors)
         why = " (table-level checks cannot be quarantined)" if cfg.on_fail == "quarantine" else ""
@@ -244,9 +266,8 @@ def derive_columns(tickets: pd.DataFrame, tables: dict[str, pd.DataFrame], check
             # and let the flag carry the finding.
             df[col] = df[col].where(ok, df[col].map(_repair_utf8))
     df["_valid_utf8"] = valid
-    subject = df["subject"] if "subject" in has else pd.Series([None] * len(df))
+    text = _text(df)
     body = df["body"] if "body" in has else pd.Series([None] * len(df))
-    text = subject.fillna("").astype(str) + "\n" + body.fillna("").astype(str)
     df["_body_blank"] = body.map(lambda b: not isinstance(b, str) or not b.strip())
     if checks.text.enabled:
         df["_n_tokens"] = count_tokens(text.tolist(), checks.text.tokenizer, io)
@@ -260,10 +281,19 @@ def derive_columns(tickets: pd.DataFrame, tables: dict[str, pd.DataFrame], check
         order = df["_split"].map(SPLITS.index)
         first_split = order.groupby(norm).transform("min")
         df["_leaks"] = order > first_split  # same text already in an earlier split (train < validation < test)
+        if checks.leakage.enabled and checks.leakage.near_duplicates.enabled:
+            leakage.add_columns(df, text, checks.leakage.near_duplicates, tables.get("customers"))
     df["_pii"] = text.map(lambda t: bool(find_pii(t)))
     if checks.coverage.enabled and {"customer_id", "created_at"} <= has:
         df["_profile_as_of"] = coverage(df, tables["customer_profiles"], checks.coverage.max_age_days)
     return df
+
+
+def _text(df: pd.DataFrame) -> pd.Series:
+    """Subject and body, one text per ticket (what the text checks look at)."""
+    parts = [df[c].fillna("").astype(str) if c in df else pd.Series([""] * len(df), index=df.index)
+             for c in ("subject", "body")]
+    return parts[0] + "\n" + parts[1]
 
 
 def _repair_utf8(value):

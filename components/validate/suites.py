@@ -12,6 +12,7 @@ import pandas as pd
 
 from components.tables import SCHEMA
 from components.task import TaskSpec, resolve_values
+from components.validate import leakage
 
 STRING_COLUMNS = ("ticket_id", "customer_id", "channel", "subject", "body")
 ROW = "_row"  # position of a row in the ingested table; identifies rows even when ids repeat
@@ -23,6 +24,7 @@ DERIVED = {
     "_id_repeated": ("ticket_id", "unique (repeats after the first)"),
     "_duplicate": ("customer_id+subject+body", "not a duplicate of an earlier ticket"),
     "_leaks": ("subject+body", "not also in an earlier split"),
+    "_near_duplicate": (leakage.SHOWN, "no near copy in the training split"),
     "_pii": ("subject+body", "no e-mail address, phone or card number"),
     "_profile_as_of": ("customer_id+created_at", "a customer profile as of the ticket's time"),
 }
@@ -86,6 +88,12 @@ def build_suites(checks, tables: dict[str, pd.DataFrame], checked: pd.DataFrame,
     row_exps = [e for e in row_exps if e[2].column in present]
     suites = [{"name": "tickets_table", "frame": checked[raw_cols], "exps": table_exps, "row_level": False},
               {"name": "tickets_rows", "frame": checked, "exps": row_exps, "row_level": True}]
+    near = c.leakage.near_duplicates
+    if c.leakage.enabled and near.enabled and "_near_duplicate" in present:
+        # Its own suite: the share is of validation and test rows, not of all tickets.
+        suites.append({"name": "near_duplicates", "frame": leakage.evaluated(checked), "row_level": True,
+                       "exps": [("leakage", near.severity, gxe.ExpectColumnValuesToBeInSet(
+                           column="_near_duplicate", value_set=[False], mostly=round(1 - near.max_share, 6)))]})
     if c.labels.enabled and c.labels.min_class_share > 0:
         shares = []
         for col, field in task.answer.items():

@@ -25,10 +25,15 @@ SPEC = load_spec(REPO / "pipelines.yaml", env={})
 pytestmark = pytest.mark.usefixtures("validate_tokenizer")
 
 
-def _validate(tmp_path, data, cfg: ValidateSpec | None = None, contracts: dict | None = None, **check_overrides):
+def _validate(tmp_path, data, cfg: ValidateSpec | None = None, contracts: dict | None = None,
+              near_duplicates: bool = False, **check_overrides):
     if cfg is None:
         checks = Checks(**{k: v for k, v in check_overrides.items()})
         cfg = ValidateSpec(checks=checks, contracts=contracts_with(**(contracts or {})))
+    if not near_duplicates:  # demo data has near copies by construction (tests/components/test_neardup.py)
+        spec = cfg.model_dump(by_alias=True)
+        spec["checks"]["leakage"]["near_duplicates"]["enabled"] = False
+        cfg = ValidateSpec.model_validate(spec)
     ingest = tmp_path / "ingest"
     data.write(ingest)
     out = tmp_path / "validate"
@@ -55,10 +60,17 @@ def _failure(tmp_path, data, check: str, column: str, **kw) -> dict:
 
 
 def test_demo_data_passes_every_check(tmp_path):
-    result, out = _validate(tmp_path, generate.generate())
+    result, out = _validate(tmp_path, generate.generate(), near_duplicates=True)
     report = json.loads((out / "validation.json").read_text())
-    assert report["success"] and report["failed_errors"] == 0 and report["failed_warnings"] == 0
-    assert report["expectations"] == 88
+    assert report["success"] and report["failed_errors"] == 0
+    # The demo writes every ticket from 3 body templates per intent: every validation and test
+    # ticket has a near copy in train. That is recorded as the one warning, and the run goes on.
+    assert report["failed_warnings"] == 1
+    (warned,) = [c for c in report["checks"] if not c["success"]]
+    assert (warned["check"], warned["column"], warned["severity"]) == ("leakage", "subject+body (near-duplicate)", "warn")
+    near = report["near_duplicates"]
+    assert near["pairs"] == near["checked"] > 300 and near["action"] == "warn" and not near["success"]
+    assert report["expectations"] == 89
     assert report["rows_in"] == report["rows_out"] == 2000
     assert {c["check"] for c in report["checks"]} == {
         "schema", "text", "labels", "duplicates", "leakage", "time", "coverage", "pii", "contract", "references"}
@@ -116,8 +128,9 @@ def test_text_invalid_utf8(tmp_path, data):
     tables = {"tickets": tickets, "customers": data.customers, "articles": data.articles,
               "customer_profiles": data.customer_profiles}
     io = StageIO(pipeline="t", out_dir=tmp_path, state_dir=SPEC.state_dir(REPO), models=dict(SPEC.models))
-    checked = derive_columns(tickets, tables, Checks(), (PrepareSpec().split, PrepareSpec().split_salt), io)
-    rows = [r for res in run_suites(build_suites(Checks(), tables, checked), tmp_path / "docs")
+    checks = Checks(leakage={"near_duplicates": {"enabled": False}})
+    checked = derive_columns(tickets, tables, checks, (PrepareSpec().split, PrepareSpec().split_salt), io)
+    rows = [r for res in run_suites(build_suites(checks, tables, checked), tmp_path / "docs")
             for r in _report_rows(res)]
     failed = [r for r in rows if not r["success"]]
     assert [(r["check"], r["column"]) for r in failed] == [("text", "subject+body")]
