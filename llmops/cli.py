@@ -104,6 +104,7 @@ def stage(
 def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
     """The numbers a person looks for after a run: evaluation, compression, gates, the version."""
     from components import reports
+    from components.evaluate import by_phrasing
 
     def report(stage: str, kind):
         return kind.read(Path(next(iter(outputs[stage].values()))).parent) if outputs.get(stage) else None
@@ -114,6 +115,8 @@ def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
         out.print(f"evaluate: exact match {c.exact_match:.3f} (base model {b.exact_match:.3f}), "
                   f"valid {c.json_valid_rate:.3f}, {fields}; latency p50 {c.latency_p50_ms} ms, "
                   f"p95 {c.latency_p95_ms} ms", highlight=False)
+        if phrasing := by_phrasing(ev):
+            out.print(f"evaluate: exact match by phrasing: {phrasing}", highlight=False, soft_wrap=True)
     if (cr := report("compress", reports.CompressReport)) is not None:
         v, r = cr.served, cr.served.vs_reference
         out.print(f"compress: chose {cr.chosen}: {v.size_mib} MiB ({100 * r['size_ratio']:.0f}% of "
