@@ -1,6 +1,6 @@
 """Deterministic generator of the demo task: support-ticket triage for "Tessera", a
-fictional software company with five products. (Long because it holds the demo's phrase
-tables: subjects, bodies, greetings and impact phrases per intent and product.)
+fictional software company with five products. How tickets are worded (subjects, bodies,
+greetings, impact phrases, typos) lives in components/phrasings.py.
 
 Four tables come out (same seed, same bytes):
 
@@ -10,8 +10,11 @@ Four tables come out (same seed, same bytes):
   change over time, so *which* snapshot a ticket sees matters;
 - ``articles``: help-center articles, one per (intent, product): 8 x 5 = 40;
 - ``tickets``: subject, body, channel, customer, time, the gold labels ``intent``,
-  ``priority`` and ``article_id``, and the annotations ``product`` and ``urgency``
-  (how urgent the text says it is, -1..2), which explain the labels.
+  ``priority`` and ``article_id``, and the annotations ``product``, ``urgency``
+  (how urgent the text says it is, -1..2), which explain the labels, and ``phrasing``
+  (``seen``; ``unseen`` for the ``unseen_share`` of tickets worded in templates,
+  greetings, sign-offs and impact phrases that no ``seen`` ticket uses, with typos;
+  the shift's name for shifted traffic).
 
 Labelling rules (what a model has to learn):
 - ``intent`` and ``article_id`` come from the text: the ticket is written about one
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pandas as pd
+
+from components.phrasings import IMPACT_ES, SEEN, SPAM, TEMPLATES_ES, UNSEEN, typos
 
 INTENTS = (
     "billing_refund",
@@ -59,104 +64,6 @@ PRODUCTS: dict[str, tuple[str, ...]] = {
     "Inbox": ("the shared inbox", "the Inbox rules", "our team mailbox"),
 }
 NEW_PRODUCT = ("Vault", ("the key vault", "secret rotation policies", "the HSM connector"))
-
-# Impact phrases: how urgent the writer says it is. Level -1..2 feeds priority_for().
-IMPACT: dict[int, tuple[str, ...]] = {
-    -1: ("No rush on this.", "Whenever you get a chance.", "Just curious, not urgent."),
-    0: ("", "Let me know what you think.", "Thanks for looking into it."),
-    1: ("This is blocking my team today.", "We have a deadline this week.",
-        "Several colleagues are stuck because of this."),
-    2: ("Our production is down because of this!", "All of our users are affected right now.",
-        "We are losing money every hour this continues."),
-}
-
-# Per intent: subjects and bodies; {p} = product reference; {n}, {inv}, {code} = details.
-TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
-    "billing_refund": {
-        "subject": ("Charged twice for {name}", "Refund request for {name}", "Wrong invoice amount"),
-        "body": (
-            "We were billed twice this month for {p}. Invoice {inv} shows the same charge two times. Please refund the duplicate.",
-            "I was charged for {p} after I downgraded. Can I get a refund for invoice {inv}?",
-            "The invoice {inv} for {p} has a higher amount than our plan price. Please correct it and refund the difference.",
-        ),
-    },
-    "login_problem": {
-        "subject": ("Cannot log in to {name}", "Password reset not working", "Locked out of my account"),
-        "body": (
-            "I can't sign in to {p}. The password reset e-mail never arrives and I tried {n} times.",
-            "Two-factor codes are rejected when I log in to {p}. I have been locked out since this morning ({n} attempts).",
-            "After the SSO change I get 'invalid session' when logging into {p}, error code {code}.",
-        ),
-    },
-    "bug_report": {
-        "subject": ("Error in {name}", "{name} crashes", "Something is broken in {name}"),
-        "body": (
-            "{p} crashes every time I open a file larger than {n} MB. Looks like a bug.",
-            "When I click save in {p} I get error {code} and my changes are lost.",
-            "{p} shows the wrong numbers after the last update; totals are off by {n}.",
-        ),
-    },
-    "performance": {
-        "subject": ("{name} is very slow", "Timeouts in {name}", "Slow loading"),
-        "body": (
-            "{p} takes more than {n} seconds to load since yesterday.",
-            "Requests to {p} time out after {n} seconds most of the afternoon.",
-            "Everything in {p} is sluggish; simple pages need {n} seconds.",
-        ),
-    },
-    "feature_request": {
-        "subject": ("Feature idea for {name}", "Suggestion: {name}", "Could you add this to {name}?"),
-        "body": (
-            "It would be great if {p} supported dark mode and {n} custom themes.",
-            "Please add a way to schedule reports in {p}, e.g. every {n} days.",
-            "We would love bulk editing in {p}; we manage {n} items by hand today.",
-        ),
-    },
-    "integration_setup": {
-        "subject": ("Connecting {name} to Salesforce", "Help with {name} integration", "Slack integration for {name}"),
-        "body": (
-            "How do I connect {p} to our Salesforce account? The setup wizard stops at step {n}.",
-            "We want {p} to post to Slack. Which permissions does the integration need? We tried {n} times.",
-            "I'm setting up the Zapier integration for {p} and the OAuth redirect fails with code {code}.",
-        ),
-    },
-    "data_export": {
-        "subject": ("Export data from {name}", "CSV export question", "Need a full backup of {name}"),
-        "body": (
-            "How can I export all our data from {p} to CSV? We have about {n} records.",
-            "The export in {p} stops at {n} rows. We need the complete dataset.",
-            "We need a full backup of {p} for an audit; roughly {n} files. What is the best way?",
-        ),
-    },
-    "account_cancellation": {
-        "subject": ("Cancel our {name} subscription", "Close my account", "Cancellation request"),
-        "body": (
-            "Please cancel our subscription to {p} at the end of the month. We have {n} seats.",
-            "We decided to stop using {p}. How do I close the account and delete our data? We have {n} users.",
-            "I want to cancel {p}; we moved to another tool. Our account has {n} seats.",
-        ),
-    },
-}
-
-# Spanish versions for the `language` shift (same intents and labels).
-TEMPLATES_ES: dict[str, tuple[str, ...]] = {
-    "billing_refund": ("Nos cobraron dos veces por {p}. La factura {inv} muestra el mismo cargo. Pedimos el reembolso.",),
-    "login_problem": ("No puedo iniciar sesión en {p}. El correo para restablecer la contraseña no llega ({n} intentos).",),
-    "bug_report": ("{p} se cierra cada vez que abro un archivo de más de {n} MB. Parece un error.",),
-    "performance": ("{p} tarda más de {n} segundos en cargar desde ayer.",),
-    "feature_request": ("Sería genial que {p} tuviera modo oscuro y {n} temas personalizados.",),
-    "integration_setup": ("¿Cómo conecto {p} con Salesforce? El asistente se detiene en el paso {n}.",),
-    "data_export": ("¿Cómo exporto todos nuestros datos de {p} a CSV? Tenemos unos {n} registros.",),
-    "account_cancellation": ("Por favor cancelen nuestra suscripción a {p} a fin de mes. Tenemos {n} usuarios.",),
-}
-IMPACT_ES = {-1: "No es urgente.", 0: "Gracias.", 1: "Esto bloquea a mi equipo hoy.",
-             2: "¡Producción está caída por esto!"}
-
-SPAM = (
-    "Boost your website ranking today!!! Visit {url} for 90% OFF SEO packages.",
-    "Congratulations, you have been selected for a crypto giveaway. Claim at {url} now.",
-    "Cheap followers and likes, guaranteed results. Order at {url}. Reply STOP to opt out.",
-)
 
 INTENT_TOPIC = {  # article titles: "<topic> in Tessera <product>"
     "billing_refund": "Refunds and duplicate charges",
@@ -276,18 +183,6 @@ def _poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
-def _format(rng: random.Random, channel: str, body: str, impact_text: str, name: str) -> str:
-    if channel == "email":
-        greeting = rng.choice(("Hi team,", "Hello,", "Dear support,", "Hi there,"))
-        sign = rng.choice(("Thanks,", "Best regards,", "Cheers,"))
-        return f"{greeting}\n\n{body} {impact_text}".rstrip() + f"\n\n{sign}\n{name}"
-    if channel == "chat":
-        return f"{rng.choice(('hey', 'hi', 'hello'))} - {body} {impact_text}".rstrip()
-    if channel == "phone":
-        return f"Call summary: customer reports: {body} {impact_text}".rstrip()
-    return f"{body} {impact_text}".rstrip()
-
-
 def _details(rng: random.Random) -> dict[str, str]:
     """Values for a template's {n} (a count), {inv} (an invoice) and {code} (an error code)."""
     return {"n": str(rng.randint(2, 500)), "inv": f"INV-{rng.randint(10000, 99999)}",
@@ -309,13 +204,16 @@ def _long_tail(rng: random.Random) -> str:
 
 
 def generate(n_tickets: int = 2000, n_customers: int = 300, seed: int = 7,
-             shift: str | None = None, shift_fraction: float = 1.0) -> DemoData:
+             shift: str | None = None, shift_fraction: float = 1.0, unseen_share: float = 0.0) -> DemoData:
     """Generate the demo tables. Same arguments, same data, on any machine.
 
     ``shift`` (one of SHIFTS) makes ``shift_fraction`` of the tickets shifted traffic;
     customers, profiles and articles are the same as without a shift, so shifted
     traffic can be compared with the training data.
-    Raises ValueError for an unknown shift or non-positive sizes.
+    ``unseen_share`` of the tickets (rounded; shifted ones excepted) are worded in the
+    unseen phrasing (column ``phrasing``); every other ticket is the same, byte for byte,
+    as with ``unseen_share=0``: the same ticket, labels and customer, in other words.
+    Raises ValueError for an unknown shift, non-positive sizes or a share outside [0, 1].
     """
     if shift is not None and shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; expected one of {', '.join(SHIFTS)}")
@@ -323,11 +221,16 @@ def generate(n_tickets: int = 2000, n_customers: int = 300, seed: int = 7,
         raise ValueError(f"n_tickets and n_customers must be > 0 (got {n_tickets}, {n_customers})")
     if not 0.0 <= shift_fraction <= 1.0:
         raise ValueError(f"shift_fraction must be within [0, 1] (got {shift_fraction})")
+    if not 0.0 <= unseen_share <= 1.0:
+        raise ValueError(f"unseen_share must be within [0, 1] (got {unseen_share})")
     rng = random.Random(seed)
     customers, profiles = make_customers(rng, n_customers)
     articles = make_articles()
     # Tickets draw from their own stream, so a shift does not change the customers.
     trng = random.Random(f"{seed}-tickets-{shift}")
+    # Rewording draws from a third stream: the tickets' own draws (hence every seen ticket) stay put.
+    prng = random.Random(f"{seed}-phrasing")
+    unseen = set(prng.sample(range(n_tickets), round(unseen_share * n_tickets)))
     # Per customer: snapshot times (sorted) and rows, for an as-of lookup by bisection.
     by_customer = {cid: (list(g.event_timestamp), g.to_dict("records"))
                    for cid, g in profiles.sort_values("event_timestamp").groupby("customer_id")}
@@ -342,29 +245,40 @@ def generate(n_tickets: int = 2000, n_customers: int = 300, seed: int = 7,
         times, snaps = by_customer[cid]
         snap = snaps[bisect.bisect_right(times, created) - 1]  # latest snapshot <= created
         shifted = shift is not None and trng.random() < shift_fraction
-        maker = _SHIFT_MAKERS[shift] if shifted else _normal_ticket
-        row = maker(trng, names[cid], snap)
+        if shifted:
+            row, phrasing = _SHIFT_MAKERS[shift](trng, names[cid], snap), shift
+        else:
+            reword = prng if i in unseen else None
+            row, phrasing = _normal_ticket(trng, names[cid], snap, reword=reword), "unseen" if reword else "seen"
         prefix = f"TCK-{shift[:4].upper()}" if shifted else "TCK"
         rows.append({"ticket_id": f"{prefix}-{i + 1:06d}", "customer_id": cid, "created_at": created,
-                     **row})
+                     **row, "phrasing": phrasing})
     tickets = pd.DataFrame(rows)
-    for col in ("intent", "priority", "article_id", "product"):
+    for col in ("intent", "priority", "article_id", "product", "phrasing"):
         tickets[col] = tickets[col].astype("string")
     tickets["urgency"] = tickets["urgency"].astype("Int8")
     return DemoData(tickets=tickets, customers=customers, customer_profiles=profiles, articles=articles)
 
 
-def _normal_ticket(rng: random.Random, name: str, snap: dict, *, long: bool = False) -> dict:
+def _normal_ticket(rng: random.Random, name: str, snap: dict, *, long: bool = False,
+                   reword: random.Random | None = None) -> dict:
+    """A ticket in the seen phrasing; with ``reword``, the same ticket (intent, product,
+    urgency, channel, details) in the unseen phrasing with typos, drawn from ``reword``
+    (``rng`` draws the same either way)."""
     intent = rng.choice(INTENTS)
     product = rng.choice(list(PRODUCTS))
     # Most tickets name the product; some only use its vocabulary, which retrieval must map.
     ref = f"Tessera {product}" if rng.random() < 0.7 else rng.choice(PRODUCTS[product])
     impact = rng.choices((-1, 0, 1, 2), (0.2, 0.4, 0.25, 0.15))[0]
-    tpl = TEMPLATES[intent]
-    subject = rng.choice(tpl["subject"]).format(name=f"Tessera {product}")
-    body = rng.choice(tpl["body"]).format(p=ref, **_details(rng))
+    subject = rng.choice(SEEN.subjects[intent]).format(name=f"Tessera {product}")
+    body_template = rng.choice(SEEN.bodies[intent])
+    details = _details(rng)
     channel = rng.choices(CHANNELS, (0.45, 0.3, 0.2, 0.05))[0]
-    text = _format(rng, channel, body, rng.choice(IMPACT[impact]), name)
+    text = SEEN.wrap(rng, channel, body_template.format(p=ref, **details), rng.choice(SEEN.impact[impact]), name)
+    if reword is not None:
+        subject = typos(reword, reword.choice(UNSEEN.subjects[intent])).format(name=f"Tessera {product}")
+        body = typos(reword, reword.choice(UNSEEN.bodies[intent])).format(p=ref, **details)
+        text = UNSEEN.wrap(reword, channel, body, typos(reword, reword.choice(UNSEEN.impact[impact])), name)
     if long:
         text += _long_tail(rng)
     return {"channel": channel, "language": "en", "subject": subject, "body": text,
@@ -378,14 +292,14 @@ def _new_product_ticket(rng: random.Random, name: str, snap: dict) -> dict:
     intent = rng.choice(INTENTS)
     impact = rng.choices((-1, 0, 1, 2), (0.2, 0.4, 0.25, 0.15))[0]
     ref = f"Tessera {product}" if rng.random() < 0.5 else rng.choice(terms)
-    body = rng.choice(TEMPLATES[intent]["body"]).format(p=ref, **_details(rng))
+    body = rng.choice(SEEN.bodies[intent]).format(p=ref, **_details(rng))
     body += " " + rng.choice(("Key rotation fails for the HSM-backed secrets.",
                               "The vault policy editor rejects our envelope encryption rules.",
                               "Audit trails for secret access are missing since the KMS migration."))
     channel = rng.choice(CHANNELS)
     return {"channel": channel, "language": "en",
-            "subject": rng.choice(TEMPLATES[intent]["subject"]).format(name=f"Tessera {product}"),
-            "body": _format(rng, channel, body, rng.choice(IMPACT[impact]), name),
+            "subject": rng.choice(SEEN.subjects[intent]).format(name=f"Tessera {product}"),
+            "body": SEEN.wrap(rng, channel, body, rng.choice(SEEN.impact[impact]), name),
             "intent": intent, "product": product, "article_id": None,  # no article covers it
             "urgency": impact,
             "priority": priority_for(intent, impact, snap["plan"], snap["open_tickets_30d"], snap["tenure_days"])}

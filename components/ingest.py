@@ -1,7 +1,8 @@
 """ingest: bring the raw tables into the run folder, from the demo generator or from files.
 
 Sources (``ingest.source.kind`` in pipelines.yaml):
-- ``generate``: the seeded demo generator (components/generate.py);
+- ``generate``: the seeded demo generator (components/generate.py), ``unseen_share`` of
+  its tickets worded in a phrasing no other ticket uses (prepare keeps them for testing);
 - ``files``: a folder, local or ``s3://bucket/prefix``, holding ``tickets``,
   ``customers``, ``customer_profiles`` and ``articles`` as ``.parquet`` or ``.jsonl``.
 
@@ -40,6 +41,7 @@ class GenerateSource(StrictModel):
     n_tickets: int = Field(2000, gt=0)
     n_customers: int = Field(300, gt=0)
     seed: int = 7
+    unseen_share: float = Field(0.05, ge=0, le=1)  # tickets worded unlike any other (column phrasing)
 
 
 class FilesSource(StrictModel):
@@ -71,7 +73,8 @@ def run(cfg: IngestSpec, io: StageIO) -> StageResult:
     io.out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(cfg.source, GenerateSource):
         src = cfg.source
-        data = generate.generate(n_tickets=src.n_tickets, n_customers=src.n_customers, seed=src.seed)
+        data = generate.generate(n_tickets=src.n_tickets, n_customers=src.n_customers, seed=src.seed,
+                                 unseen_share=src.unseen_share)
         tables = {name: getattr(data, name) for name in SCHEMA}
         source = f"demo generator (seed {src.seed})"
     else:

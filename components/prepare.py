@@ -7,7 +7,10 @@ store; both are rendered with the task's template into a chat (system, user, ass
 the gold answer as JSON). The ticket goes to a split by a hash of its id, so it keeps its
 split when data is added or reordered. Each split file is written with its SHA-256, and
 the answer's JSON Schema with the table-bound values (e.g. article ids) filled in from the
-data, for the stages and the endpoint that parse answers.
+data, for the stages and the endpoint that parse answers. Tickets of a held-out slice
+(``test_only``, e.g. the demo's unseen phrasing) go to the test split only, and the
+``slice_by`` fields (``phrasing`` among them) travel with each example, so evaluate reports
+exact match on them apart from the rest.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pydantic import Field
 from components.base import StageError, StageIO, StageResult, StrictModel, file_sha256, markdown_table, plain
 from components.featurestore import Embedder, FeaturesSpec, Retriever, historical_features, open_online, open_store
 from components.reports import PrepareReport, SplitInfo
-from components.splits import SPLITS, SplitFractions, split_of
+from components.splits import SPLITS, SplitFractions, assign
 from components.task import AnswerSchema, TaskSpec, answer_json, build_messages, labels_of, query_text, \
     resolve_values
 
@@ -30,7 +33,9 @@ TIME_COLUMN = "created_at"
 class PrepareSpec(StrictModel):
     split: SplitFractions = SplitFractions()
     split_salt: str = Field("tessera-v1", min_length=1)  # change to draw another deterministic split
-    slice_by: list[str] = ["channel", "plan"]  # request fields kept with each example for per-slice metrics
+    slice_by: list[str] = ["channel", "plan", "phrasing"]  # fields kept with each example for per-slice metrics
+    # column -> values whose tickets go to the test split only (held out from training)
+    test_only: dict[str, list[str]] = {"phrasing": ["unseen"]}
 
 
 def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
@@ -71,7 +76,7 @@ def run(cfg: PrepareSpec, io: StageIO) -> StageResult:
     gold_article = "article_id" if "article_id" in task.answer else None
     for row, articles in zip(rows, retrieved):
         row[TIME_COLUMN] = pd.Timestamp(row[TIME_COLUMN]).isoformat()
-        split = split_of(str(row["ticket_id"]), cfg.split, cfg.split_salt)
+        split = assign(row, cfg.split, cfg.split_salt, cfg.test_only)
         labels = labels_of(row, task)
         example = {
             "ticket_id": row["ticket_id"],

@@ -2,13 +2,15 @@
 
 A ticket's split is a stable function of its id and a salt (a hash), so a ticket keeps its
 split when data is added or reordered; validate (the leakage check) and prepare (which
-writes the splits) both use it.
+writes the splits) both use it. A held-out slice (``test_only``: column -> values, e.g.
+the demo's unseen phrasing) goes to the test split whatever its hash: never trained on.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from pydantic import Field, model_validator
 
@@ -37,6 +39,16 @@ def split_of(ticket_id: str, fractions: SplitFractions, salt: str) -> str:
     if u < fractions.train:
         return "train"
     return "validation" if u < fractions.train + fractions.validation else "test"
+
+
+def assign(ticket: Mapping, fractions: SplitFractions, salt: str,
+           test_only: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The split of a ticket (a row with ``ticket_id``): ``test`` when one of its
+    ``test_only`` columns holds a listed value, else :func:`split_of` its id."""
+    for column, values in (test_only or {}).items():
+        if str(ticket.get(column)) in values:
+            return "test"
+    return split_of(str(ticket["ticket_id"]), fractions, salt)
 
 
 def read_examples(path: Path) -> list[dict]:

@@ -6,7 +6,8 @@ data (``ingest.extra``). `llmops data from-traffic` writes them.
   writes (components/generate.py), the corrected answer as the labels; ``ticket_id`` is
   the request id (unique, unlike the ids clients send), ``created_at`` the time the
   request's features were read as of (its ``time``, else when it was answered); the
-  generator's annotations the traffic cannot know (language, product, urgency) are empty.
+  generator's annotations the traffic cannot know (language, product, urgency, phrasing) are
+  empty.
 - ``origin``: where each row came from: the request id, the version and variant that
   answered and their answer, the ticket id the client sent, and the feedback (id, who,
   when, note, the version serving then), keyed by ``ticket_id``.

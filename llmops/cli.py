@@ -104,6 +104,7 @@ def stage(
 def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
     """The numbers a person looks for after a run: evaluation, compression, gates, the version."""
     from components import reports
+    from components.evaluate import by_phrasing
     from components.stats import interval_text, latency_text
 
     def report(stage: str, kind):
@@ -115,6 +116,8 @@ def _print_headlines(outputs: dict[str, dict[str, str]]) -> None:
         out.print(f"evaluate: exact match {c.exact_match:.3f} {interval_text(c.exact_match_ci)} (base model "
                   f"{b.exact_match:.3f}; 95% Wilson intervals, n={c.n}), valid {c.json_valid_rate:.3f}, {fields}; "
                   f"latency {latency_text(c.latency())}", highlight=False, soft_wrap=True)
+        if phrasing := by_phrasing(ev):
+            out.print(f"evaluate: exact match by phrasing: {phrasing}", highlight=False, soft_wrap=True)
     if (cr := report("compress", reports.CompressReport)) is not None:
         v, r = cr.served, cr.served.vs_reference
         out.print(f"compress: chose {cr.chosen}: {v.size_mib} MiB ({100 * r['size_ratio']:.0f}% of "

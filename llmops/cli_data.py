@@ -25,6 +25,9 @@ def data_generate(
         "--shift", help="Shifted traffic for drift tests: new_product, language, long or spam.")] = None,
     shift_fraction: Annotated[float, typer.Option(
         "--shift-fraction", help="Share of tickets that are shifted (with --shift).", min=0.0, max=1.0)] = 1.0,
+    unseen_share: Annotated[float, typer.Option(
+        "--unseen-share", help="Share of tickets worded in a phrasing no other ticket uses (column phrasing; "
+                               "the pipeline's demo data: ingest.source.unseen_share).", min=0.0, max=1.0)] = 0.0,
 ) -> None:
     """Generate demo tickets (with gold labels), customers, profile history and articles as Parquet."""
     from components import generate
@@ -33,7 +36,7 @@ def data_generate(
         _fail(f"--shift {shift!r}: expected one of {', '.join(generate.SHIFTS)}")
     with console.status(f"generating {n} tickets..."):
         data = generate.generate(n_tickets=n, n_customers=customers, seed=seed, shift=shift,
-                                 shift_fraction=shift_fraction)
+                                 shift_fraction=shift_fraction, unseen_share=unseen_share)
         paths = data.write(out_dir)
     for name, path in paths.items():
         out.print(f"{name:<18} {len(getattr(data, name)):>6} rows  {path}")

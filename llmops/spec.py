@@ -135,6 +135,10 @@ class PipelineSpec(StrictModel):
             if allowed and gate.metric not in allowed:
                 problems.append(f"gates.checks.{name}.metric: {gate.metric!r} is not a metric of this task "
                                 f"(metrics: {', '.join(allowed)})")
+            sliced = (getattr(gate, "slice", None) or "").partition("=")[0]
+            if sliced and sliced not in self.prepare.slice_by:
+                problems.append(f"gates.checks.{name}.slice: {sliced!r} is not a field of prepare.slice_by "
+                                f"({', '.join(self.prepare.slice_by) or 'none'}): evaluate has no such slice")
             answer_field = getattr(gate, "field", None)
             if answer_field is not None and answer_field not in fields:
                 problems.append(f"gates.checks.{name}.field: {answer_field!r} is not an answer field "

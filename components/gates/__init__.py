@@ -1,6 +1,7 @@
 """gates: every gate declared in ``pipelines.yaml`` on the fine-tuned model, one report.
 
-The kinds (kinds.py, ``kind:`` in the spec): ``absolute`` (a metric within min/max),
+The kinds (kinds.py, ``kind:`` in the spec): ``absolute`` (a metric within min/max; or
+the exact match of one slice of the test split, e.g. ``slice: phrasing=unseen``),
 ``vs_base`` (a gain over the base model), ``vs_champion`` (no regression against the
 registry's champion on the same test split: its recorded metrics when its test split has
 the same SHA-256, else it is evaluated again here), ``budget`` (latency, tokens/s, size,
@@ -232,6 +233,7 @@ def run(cfg: GatesSpec, io: StageIO) -> StageResult:
     gates = cfg.checks.values()
 
     ev = Evidence(candidate=evaluation.candidate, base=evaluation.base)
+    ev.slices = evaluation.slices.get("candidate", {})
     if any(g.kind == "budget" for g in gates):
         compressed = CompressReport.read(io.inputs["compress"]) if "compress" in io.inputs else None
         ev.operational = operational(evaluation.candidate, compressed, [Path(base_path), adapter],

@@ -34,6 +34,7 @@ class Evidence:
     champion_note: str = "no champion"
     probes: dict[str, dict] = field(default_factory=dict)  # gate name -> {"passed": k, "n": n, "failures": [...]}
     paired: dict[str, Paired] = field(default_factory=dict)  # rate -> candidate vs champion, chat by chat
+    slices: dict[str, dict] = field(default_factory=dict)  # evaluate's candidate slices: field -> value -> {n, ...}
 
 
 @dataclass
@@ -82,14 +83,30 @@ class _Bounded(StrictModel):
 
 
 class AbsoluteGate(_Bounded):
-    """A metric of the fine-tuned model within min/max."""
+    """A metric of the fine-tuned model within min/max; with ``slice`` ("field=value", a
+    ``prepare.slice_by`` field), its exact match on the test chats of that slice only."""
 
     kind: Literal["absolute"] = "absolute"
     metric: str  # exact_match, json_valid_rate, <answer field>_accuracy, perplexity, latency_p95_ms...
+    slice: str | None = Field(None, pattern=r"^[^=]+=.+$")  # e.g. phrasing=unseen; null: every test chat
+
+    @model_validator(mode="after")
+    def _slice_metric(self):
+        if self.slice is not None and self.metric != "exact_match":
+            raise ValueError(f"a slice carries exact_match only (got metric {self.metric!r} with slice {self.slice!r})")
+        return self
 
     def check(self, name: str, ev: Evidence) -> GateRow:
-        value = _value(ev.candidate.flat(), self.metric, "evaluate's candidate metrics", name)
-        return self._bounded(name, value, "fine-tuned model")
+        if self.slice is None:
+            value = _value(ev.candidate.flat(), self.metric, "evaluate's candidate metrics", name)
+            return self._bounded(name, value, "fine-tuned model")
+        key, _, value = self.slice.partition("=")
+        measured = ev.slices.get(key, {}).get(value)
+        if measured is None:
+            has = ", ".join(f"{key}={v}" for v in ev.slices.get(key, {})) or f"none by {key} (prepare.slice_by)"
+            raise StageError(f"gate {name!r}: no test chat in slice {self.slice} (evaluate's slices: {has})")
+        return self._bounded(name, float(measured["exact_match"]), f"fine-tuned model, {self.slice} "
+                                                                   f"({int(measured['n'])} test chats)")
 
 
 class BudgetGate(_Bounded):

@@ -25,7 +25,7 @@ from components.base import StageError, StageIO, StageResult, StrictModel, markd
 from components.catalog import ModelError, resolve
 from components.pii import find_pii, redact_pii
 from components.reports import ValidationReport
-from components.splits import SPLITS, SplitFractions, split_of
+from components.splits import SPLITS, SplitFractions, assign
 from components.task import TaskSpec
 from components.validate import leakage
 from components.validate.contracts import ORDER, Contracts, coverage, derive, expectations
@@ -136,7 +136,8 @@ def run(cfg: ValidateSpec, io: StageIO) -> StageResult:
     if cfg.pii == "redact":
         tickets, redacted = redact_pii(tickets)
     prepare_cfg = io.sections.get("prepare")
-    split = getattr(prepare_cfg, "split", SplitFractions()), getattr(prepare_cfg, "split_salt", "tessera-v1")
+    split = (getattr(prepare_cfg, "split", SplitFractions()), getattr(prepare_cfg, "split_salt", "tessera-v1"),
+             getattr(prepare_cfg, "test_only", {}))
     task: TaskSpec = io.sections.get("task", TaskSpec())
     checked = derive_columns(tickets, kept, cfg.checks, split, io)
     suites = build_suites(cfg.checks, kept, checked, task)
@@ -254,7 +255,7 @@ def normalise(text: pd.Series) -> pd.Series:
 
 
 def derive_columns(tickets: pd.DataFrame, tables: dict[str, pd.DataFrame], checks: Checks,
-                   split: tuple[SplitFractions, str], io: StageIO) -> pd.DataFrame:
+                   split: tuple[SplitFractions, str, dict], io: StageIO) -> pd.DataFrame:
     """The tickets plus the helper columns row checks look at (all prefixed ``_``)."""
     df = tickets.copy()
     has = set(df.columns)
@@ -278,7 +279,7 @@ def derive_columns(tickets: pd.DataFrame, tables: dict[str, pd.DataFrame], check
     if "customer_id" in has:
         df["_duplicate"] = (df["customer_id"].astype(str) + "\x00" + norm).duplicated(keep="first")
     if "ticket_id" in has:
-        df["_split"] = [split_of(str(t), *split) for t in df["ticket_id"]]
+        df["_split"] = [assign(r, *split) for r in df.to_dict("records")]
         order = df["_split"].map(SPLITS.index)
         first_split = order.groupby(norm).transform("min")
         df["_leaks"] = order > first_split  # same text already in an earlier split (train < validation < test)

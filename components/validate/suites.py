@@ -46,7 +46,7 @@ def build_suites(checks, tables: dict[str, pd.DataFrame], checked: pd.DataFrame,
         for col in required:
             table_exps.append(("schema", c.schema_.severity, gxe.ExpectColumnToExist(column=col)))
         if not c.schema_.allow_extra_columns:
-            known = sorted(set(required) | {"language", "product", "urgency"})  # the demo's annotations
+            known = sorted(set(required) | {"language", "product", "urgency", "phrasing"})  # the demo's annotations
             table_exps.append(("schema", c.schema_.severity,
                                gxe.ExpectTableColumnsToMatchSet(column_set=known, exact_match=True)))
         for col in STRING_COLUMNS:

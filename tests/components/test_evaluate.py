@@ -7,9 +7,10 @@ import json
 import pytest
 
 from components.base import StageError, StageIO
-from components.evaluate import EvaluateSpec, run
+from components.evaluate import EvaluateSpec, by_phrasing, render, run
 from components.finetune import FinetuneSpec
 from components.finetune import fit as train
+from components.reports import EvaluationReport, ModelMetrics
 from components.stats import interval_text, wilson
 from components.task import INVALID, AnswerSchema, TaskSpec, cannot_be_answer
 from tests.components.conftest import ARTICLE_IDS, chat_examples, write_prepared
@@ -91,7 +92,10 @@ def test_generation_stops_only_text_that_can_no_longer_be_an_answer(text, dead):
 def stage_inputs(tiny, tmp_path_factory):
     """prepare's test split and a tiny adapter trained a few steps, as the stage reads them."""
     root = tmp_path_factory.mktemp("evaluate")
-    write_prepared(root / "prepare", {"test": chat_examples(10)})
+    test = chat_examples(10)
+    for i, chat in enumerate(test):  # two chats of the held-out phrasing, as prepare writes them
+        chat["meta"]["phrasing"] = "unseen" if i % 5 == 0 else "seen"
+    write_prepared(root / "prepare", {"test": test})
     cfg = FinetuneSpec(base_model=str(tiny), max_steps=4, batch_size=4, learning_rate=5e-3, warmup_steps=1,
                        eval_every=2, eval_examples=4, seed=1)
     train(cfg, str(tiny), chat_examples(16, offset=100), chat_examples(4, offset=200), root / "finetune",
@@ -129,6 +133,13 @@ def test_stage_scores_candidate_and_base_and_caches_the_base(stage_inputs):
     assert f"| exact_match | {c['exact_match']} | {interval_text(c['exact_match_ci'])} |" in first.summary
     assert set(m["slices"]["candidate"]["channel"]) == {"email", "chat"}
     lines = (root / "eval1" / "predictions.jsonl").read_text().splitlines()
+    # the phrasing slice: its counts, and its exact match as the predictions say
+    matched = {row["ticket_id"]: row["exact_match"] for row in map(json.loads, lines)}
+    for value, ids in (("seen", [f"T{i}" for i in range(10) if i % 5]), ("unseen", ["T0", "T5"])):
+        got = m["slices"]["candidate"]["phrasing"][value]
+        assert got["n"] == len(ids) and got["exact_match"] == sum(matched[t] for t in ids) / len(ids)
+    assert f"Exact match by phrasing: {by_phrasing(first.report)}." in first.summary
+    assert "in-distribution" in first.summary and "(2 chats; base" in first.summary
     assert len(lines) == 10 and {"ticket_id", "gold", "candidate", "base", "exact_match"} <= set(json.loads(lines[0]))
     # rows whose text could no longer become an answer were cut there (at most a couple of
     # tokens), not generated on to max_new_tokens (12)
@@ -145,6 +156,26 @@ def test_stage_scores_candidate_and_base_and_caches_the_base(stage_inputs):
     assert second.metrics["base_cached"] is True
     assert second.metrics["base"] == m["base"] and second.metrics["candidate"]["exact_match"] == \
         m["candidate"]["exact_match"]  # greedy: deterministic
+
+
+def test_report_puts_in_distribution_beside_unseen_phrasing():
+    def model(em: float) -> ModelMetrics:
+        return ModelMetrics(n=300, json_valid_rate=1.0, exact_match=em, field_accuracy={"intent": em})
+
+    slices = {"candidate": {"phrasing": {"seen": {"n": 200, "exact_match": 0.9, "exact_match_ci": wilson(180, 200)},
+                                         "unseen": {"n": 100, "exact_match": 0.55,
+                                                    "exact_match_ci": wilson(55, 100)}}},
+              "base": {"phrasing": {"seen": {"n": 200, "exact_match": 0.0}, "unseen": {"n": 100, "exact_match": 0.01}}}}
+    report = EvaluationReport(candidate=model(0.7833), base=model(0.0033), base_cached=False, exact_match_gain=0.78,
+                              slices=slices, base_model_sha256="a" * 64, test_sha256="b" * 64)
+    assert by_phrasing(report) == ("in-distribution 0.900 [0.851, 0.934] (200 chats; base 0.000), "
+                                   "unseen phrasing 0.550 [0.452, 0.644] (100 chats; base 0.010)")
+    text = render(report, 300, {("billing_refund", "billing_refund"): 3}, "intent")
+    assert "Exact match by phrasing: in-distribution 0.900 [0.851, 0.934] (200 chats" in text
+    assert "| phrasing=unseen | 100 | 0.55 | [0.452, 0.644] | 0.01 |" in text
+    # without a phrasing slice (data of your own), nothing is said about it
+    plain = report.model_copy(update={"slices": {"candidate": {}, "base": {}}})
+    assert by_phrasing(plain) == "" and "phrasing" not in render(plain, 300, {}, "intent")
 
 
 def test_stage_without_an_adapter_fails_clearly(stage_inputs, tmp_path):

@@ -65,6 +65,31 @@ def test_absolute(gate, op, passed, margin):
     assert row.observed == CANDIDATE.flat()[gate.metric]
 
 
+SLICES = {"phrasing": {"seen": {"n": 190, "exact_match": 0.9}, "unseen": {"n": 100, "exact_match": 0.38}}}
+
+
+@pytest.mark.parametrize(("floor", "passed", "margin"), [(0.38, True, 0.0), (0.3, True, 0.08), (0.4, False, -0.02)])
+def test_absolute_on_a_slice_reads_that_slices_exact_match(floor, passed, margin):
+    row = AbsoluteGate(metric="exact_match", slice="phrasing=unseen", min=floor).check("unseen", ev(slices=SLICES))
+    assert (row.observed, row.op, row.passed) == (0.38, ">=", passed) and row.margin == pytest.approx(margin)
+    assert row.note == "fine-tuned model, phrasing=unseen (100 test chats)"
+    # the same gate without a slice judges every test chat
+    assert AbsoluteGate(metric="exact_match", min=0.4).check("all", ev(slices=SLICES)).observed == 0.8
+
+
+def test_slice_gate_errors_name_the_slice():
+    gate = AbsoluteGate(metric="exact_match", slice="phrasing=unsen", min=0.3)
+    with pytest.raises(StageError, match=r"gate 'u': no test chat in slice phrasing=unsen \(evaluate's slices: "
+                                         r"phrasing=seen, phrasing=unseen\)"):
+        gate.check("u", ev(slices=SLICES))
+    with pytest.raises(StageError, match=r"none by phrasing \(prepare.slice_by\)"):
+        gate.check("u", ev())
+    with pytest.raises(ValueError, match="a slice carries exact_match only"):
+        AbsoluteGate(metric="json_valid_rate", slice="phrasing=unseen", min=0.9)
+    with pytest.raises(ValueError, match="String should match pattern"):
+        AbsoluteGate(metric="exact_match", slice="unseen", min=0.9)
+
+
 def test_vs_base_gain_is_in_the_metrics_better_direction():
     row = VsBaseGate(metric="exact_match", min_gain=0.7).check("g", ev())  # 0.1 + 0.7 = 0.7999999999999999
     assert row.passed and row.threshold == pytest.approx(0.8) and row.op == ">="
@@ -178,6 +203,8 @@ def test_report_names_every_failed_gate():
     ("gates.checks.latency={kind: budget, metric: latency_p95_ms}", "gates.checks.latency: give min, max or both"),
     ("gates.checks.size.metric=size_mb", "gates.checks.size.metric: must be 'latency_p95_ms', "),
     ("gates.checks.exact_match.kind=ratio", "gates.checks.exact_match: 'kind' must be one of 'absolute', "),
+    ("gates.checks.unseen_exact_match.slice=language=es",
+     "gates.checks.unseen_exact_match.slice: 'language' is not a field of prepare.slice_by (channel, plan, phrasing)"),
     ("gates.checks.invariance.perturbations=[typos]", "gates.checks.invariance.perturbations.0: must be 'greeting', "),
     ("promote.mode=maybe", "promote.mode: must be 'enforce' or 'warn' (got 'maybe')"),
     ("stages=[ingest,validate,features,prepare,finetune,evaluate,register,gates]",
@@ -325,6 +352,7 @@ def test_stage_on_a_tiny_model(tiny_run, tmp_path, empty_registry):
     compressed("merged", {"merged": variant(1.5, 20.0, 30.0, 900.0)}).write(compress)
     spec = gates.GatesSpec(probe_examples=2, hourly_price_usd=0.5, max_new_tokens=8, checks={
         "json": AbsoluteGate(metric="json_valid_rate", min=0.99),
+        "email": AbsoluteGate(metric="exact_match", slice="channel=email", min=0.0),
         "vs_base": VsBaseGate(metric="perplexity", min_gain=-1000),
         "champion": VsChampionGate(metric="exact_match", max_regression=0.0),
         "latency": BudgetGate(metric="latency_p95_ms", max=30),
@@ -337,6 +365,9 @@ def test_stage_on_a_tiny_model(tiny_run, tmp_path, empty_registry):
     # the tiny model does not write JSON: the JSON and safety gates fail, the rest pass
     assert report.status == "failed" and report.failed == ["json", "safety"]
     assert rows["json"].observed == 0.0 and rows["json"].margin == -0.99
+    email = EvaluationReport.read(tiny_run["root"] / "evaluate").slices["candidate"]["channel"]["email"]
+    assert rows["email"].observed == email["exact_match"] and rows["email"].passed
+    assert rows["email"].note == f"fine-tuned model, channel=email ({int(email['n'])} test chats)"
     assert rows["champion"].note == "no champion" and rows["champion"].passed and rows["champion"].threshold is None
     assert rows["latency"].observed == 30.0
     assert rows["latency"].note == "compress variant 'merged'; compared the p95 of 20 requests"

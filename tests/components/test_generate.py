@@ -1,12 +1,15 @@
-"""The demo generator: determinism, labelling rules, profile history, shifted traffic."""
+"""The demo generator: determinism, labelling rules, profile history, shifted traffic,
+the unseen phrasing (no word 4-gram in common with the seen one)."""
 from __future__ import annotations
 
 import itertools
+import random
+import re
 
 import pandas as pd
 import pytest
 
-from components import generate
+from components import generate, phrasings
 from components.base import file_sha256
 from components.generate import PLANS, PRIORITIES, priority_for
 
@@ -135,3 +138,101 @@ def test_shift_fraction_mixes_traffic():
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
         generate.generate(**kwargs)
+
+
+# ---------------------------------------------------------------- unseen phrasing
+
+def _masked_words(text: str) -> list[str]:
+    """Lower-case words of a template with every slot ({p}, {n}, ...) as one token."""
+    return re.findall(r"<slot>|[a-z0-9']+", re.sub(r"\{\w+\}", " <slot> ", text.lower()))
+
+
+def _grams(words: list[str], k: int = 4) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + k]) for i in range(len(words) - k + 1)}
+
+
+def _phrases(p: phrasings.Phrasing) -> list[str]:
+    return [t for table in (p.subjects, p.bodies, p.impact) for ts in table.values() for t in ts] + [
+        *p.greetings, *p.sign_offs, *p.chat_openers, *p.phone_prefixes]
+
+
+def test_unseen_templates_share_no_word_4gram_with_seen_ones():
+    seen = set().union(*(_grams(_masked_words(t)) for t in _phrases(phrasings.SEEN)))
+    shared = {t: _grams(_masked_words(t)) & seen for t in _phrases(phrasings.UNSEEN)}
+    assert not any(shared.values()), {t: g for t, g in shared.items() if g}
+    # the same intents and urgency levels, each with as many choices
+    for table in ("subjects", "bodies", "impact"):
+        a, b = getattr(phrasings.SEEN, table), getattr(phrasings.UNSEEN, table)
+        assert a.keys() == b.keys() and all(len(b[k]) == 3 for k in b)
+    # greetings, sign-offs and the channels' wrappers: no word in common
+    wrappers = ("greetings", "sign_offs", "chat_openers", "phone_prefixes")
+    seen_words = {w for part in wrappers for t in getattr(phrasings.SEEN, part) for w in _masked_words(t)}
+    unseen_words = {w for part in wrappers for t in getattr(phrasings.UNSEEN, part) for w in _masked_words(t)}
+    assert not seen_words & unseen_words, seen_words & unseen_words
+
+
+def _mask_ticket(text: str, names: set[str]) -> list[str]:
+    """A generated ticket's words with its slot values (products, numbers, codes, names) masked."""
+    refs = sorted([f"Tessera {p}" for p in generate.PRODUCTS] + [t for ts in generate.PRODUCTS.values() for t in ts]
+                  + sorted(names), key=len, reverse=True)
+    for ref in refs:
+        text = text.replace(ref, " <slot> ")
+    text = re.sub(r"INV-\d+|\bE\d{3}\b|\b\d+\b", " <slot> ", text)
+    return re.findall(r"<slot>|[a-z0-9']+", text.lower())
+
+
+def test_unseen_tickets_share_no_phrasing_with_seen_ones():
+    data = generate.generate(n_tickets=1500, n_customers=80, seed=5, unseen_share=0.2)
+    names = set(data.customers.name)
+    tickets = data.tickets
+    assert set(tickets.phrasing) == {"seen", "unseen"}
+    seen, unseen = tickets[tickets.phrasing == "seen"], tickets[tickets.phrasing == "unseen"]
+    seen_grams = set()
+    for row in seen.itertuples():
+        seen_grams |= _grams(_mask_ticket(row.body, names)) | _grams(_mask_ticket(row.subject, names))
+    for row in unseen.itertuples():
+        shared = (_grams(_mask_ticket(row.body, names)) | _grams(_mask_ticket(row.subject, names))) & seen_grams
+        assert not shared, (row.body, shared)
+    # still about its product, with the slot values as written (typos never touch them)
+    for row in unseen.itertuples():
+        assert any(w in row.body for w in (f"Tessera {row.product}", *generate.PRODUCTS[row.product])), row.body
+
+
+def test_unseen_share_is_exact_seeded_and_leaves_every_other_ticket_alone():
+    plain = generate.generate(n_tickets=400, n_customers=50, seed=8).tickets
+    mixed = generate.generate(n_tickets=400, n_customers=50, seed=8, unseen_share=0.1).tickets
+    again = generate.generate(n_tickets=400, n_customers=50, seed=8, unseen_share=0.1).tickets
+    pd.testing.assert_frame_equal(mixed, again)  # same seed, same tickets
+    other = generate.generate(n_tickets=400, n_customers=50, seed=9, unseen_share=0.1).tickets
+    assert set(other.ticket_id[other.phrasing == "unseen"]) != set(mixed.ticket_id[mixed.phrasing == "unseen"])
+    assert (plain.phrasing == "seen").all() and (mixed.phrasing == "unseen").sum() == 40
+    reworded = mixed.phrasing == "unseen"
+    pd.testing.assert_frame_equal(mixed[~reworded], plain[~reworded])
+    # a reworded ticket is the same ticket: labels, customer, time and channel; other words
+    same = ["ticket_id", "customer_id", "created_at", "channel", "intent", "priority", "article_id", "product",
+            "urgency"]
+    pd.testing.assert_frame_equal(mixed.loc[reworded, same], plain.loc[reworded, same])
+    assert (mixed.body[reworded] != plain.body[reworded]).all()
+    assert (mixed.subject[reworded] != plain.subject[reworded]).all()
+
+
+def test_shifted_tickets_name_their_shift_as_phrasing():
+    data = generate.generate(n_tickets=200, n_customers=30, seed=7, shift="long", shift_fraction=0.5,
+                             unseen_share=0.2)
+    kinds = data.tickets.groupby(data.tickets.ticket_id.str.startswith("TCK-LONG")).phrasing.agg(set)
+    assert kinds[True] == {"long"} and kinds[False] == {"seen", "unseen"}
+
+
+def test_typos_are_seeded_and_spare_slots_and_short_words():
+    text = "Please terminate the contract for {p} and our {n} licences before tomorrow morning."
+    a = phrasings.typos(random.Random(1), text, rate=0.5)
+    assert a == phrasings.typos(random.Random(1), text, rate=0.5) != text
+    assert "{p}" in a and "{n}" in a and " the " in a and " and our " in a
+    changed = [(x, y) for x, y in zip(text.split(), a.split()) if x != y]
+    assert changed and all(abs(len(x) - len(y)) <= 1 and x[0] == y[0] for x, y in changed)
+    assert phrasings.typos(random.Random(1), text, rate=0.0) == text
+
+
+def test_unseen_share_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match=r"unseen_share must be within \[0, 1\] \(got 1.5\)"):
+        generate.generate(unseen_share=1.5)

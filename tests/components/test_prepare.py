@@ -1,4 +1,5 @@
-"""prepare: split determinism, chat examples, hashes (on a Feast store built from small data)."""
+"""prepare: split determinism, chat examples, hashes, the held-out unseen phrasing (on a
+Feast store built from small data)."""
 from __future__ import annotations
 
 import json
@@ -10,15 +11,21 @@ from pydantic import ValidationError
 from components import generate
 from components.base import StageError, file_sha256
 from components.reports import PrepareReport
-from components.splits import SplitFractions, read_examples, split_of
+from components.splits import SplitFractions, assign, read_examples, split_of
 from components.task import AnswerSchema, TaskSpec, build_messages, render_articles
 from tests.conftest import build_features_and_prepare
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, demo_small):
+def demo_unseen() -> generate.DemoData:
+    """The small demo data with a tenth of its tickets in the unseen phrasing."""
+    return generate.generate(n_tickets=300, n_customers=60, seed=3, unseen_share=0.1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, demo_unseen):
     root = tmp_path_factory.mktemp("prepared")
-    _, result, io = build_features_and_prepare(root, demo_small)
+    _, result, io = build_features_and_prepare(root, demo_unseen)
     return result, root / "prepare"
 
 
@@ -41,7 +48,7 @@ def test_adding_tickets_keeps_existing_splits():
     assert all(split_of(t, fr, "x") == split_of(t, fr, "x") for t in small)
 
 
-def test_outputs_counts_and_hashes(prepared, demo_small):
+def test_outputs_counts_and_hashes(prepared, demo_unseen):
     result, out = prepared
     report = result.report
     assert isinstance(report, PrepareReport)
@@ -50,18 +57,45 @@ def test_outputs_counts_and_hashes(prepared, demo_small):
         assert meta.sha256 == file_sha256(out / f"{split}.jsonl")
         assert len(read_examples(out / f"{split}.jsonl")) == meta.examples
         ids = {e["ticket_id"] for e in read_examples(out / f"{split}.jsonl")}
-        assert all(split_of(t, SplitFractions(), "tessera-v1") == split for t in ids)
+        held_out = set(demo_unseen.tickets.ticket_id[demo_unseen.tickets.phrasing == "unseen"])
+        assert all(split_of(t, SplitFractions(), "tessera-v1") == split for t in ids - held_out)
     assert report.retrieval_top_k == 3 and report.retrieval_recall["all"] >= 0.99
     # the answer schema, with the article ids of the data
     schema = AnswerSchema.read(out / AnswerSchema.FILE)
     assert schema.fields == ["intent", "priority", "article_id"]
-    assert schema.values("article_id") == sorted(demo_small.articles.article_id)
+    assert schema.values("article_id") == sorted(demo_unseen.articles.article_id)
 
 
-def test_examples_are_chats_whose_answer_is_the_gold_json(prepared, demo_small):
+def test_unseen_phrasing_goes_to_the_test_split_only(prepared, demo_unseen):
+    _, out = prepared
+    phrasing = dict(zip(demo_unseen.tickets.ticket_id, demo_unseen.tickets.phrasing))
+    metas = {split: [e["meta"] for e in read_examples(out / f"{split}.jsonl")]
+             for split in ("train", "validation", "test")}
+    for split in ("train", "validation"):
+        assert metas[split] and {m["phrasing"] for m in metas[split]} == {"seen"}
+    test = read_examples(out / "test.jsonl")
+    unseen = [e["ticket_id"] for e in test if e["meta"]["phrasing"] == "unseen"]
+    assert sorted(unseen) == sorted(t for t, p in phrasing.items() if p == "unseen") and len(unseen) == 30
+    # the seen test chats are those the hash picks, as without the slice
+    assert {e["ticket_id"] for e in test} - set(unseen) == {
+        t for t, p in phrasing.items() if p == "seen" and split_of(t, SplitFractions(), "tessera-v1") == "test"}
+    assert all(set(m) == {"channel", "plan", "phrasing"} for m in metas["test"])
+
+
+def test_assign_holds_out_listed_values_only():
+    fr, test_only = SplitFractions(), {"phrasing": ["unseen"]}
+    ids = [f"TCK-{i:06d}" for i in range(200)]
+    assert {assign({"ticket_id": t, "phrasing": "unseen"}, fr, "s", test_only) for t in ids} == {"test"}
+    for row in ({"phrasing": "seen"}, {"phrasing": None}, {"phrasing": pd.NA}, {}):  # e.g. traffic rows: no phrasing
+        assert [assign({"ticket_id": t, **row}, fr, "s", test_only) for t in ids] == [split_of(t, fr, "s") for t in ids]
+    assert [assign({"ticket_id": t, "phrasing": "unseen"}, fr, "s", {}) for t in ids] == [split_of(t, fr, "s")
+                                                                                            for t in ids]
+
+
+def test_examples_are_chats_whose_answer_is_the_gold_json(prepared, demo_unseen):
     _, out = prepared
     examples = read_examples(out / "train.jsonl")
-    tickets = demo_small.tickets.set_index("ticket_id")
+    tickets = demo_unseen.tickets.set_index("ticket_id")
     for ex in examples:
         assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
         answer = json.loads(ex["messages"][2]["content"])

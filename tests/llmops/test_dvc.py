@@ -57,7 +57,7 @@ def test_stage_params_are_only_the_keys_it_reads():
     assert doc["stages"]["validate"]["params"] == [{"pipelines.yaml": [
         "pipelines.support-triage.validate", "pipelines.support-triage.task.answer",
         "pipelines.support-triage.prepare.split", "pipelines.support-triage.prepare.split_salt",
-        "models.smollm2-135m-instruct"]}]  # its token-length check counts with the base model's tokenizer
+        "pipelines.support-triage.prepare.test_only", "models.smollm2-135m-instruct"]}]  # its token-length check counts with the base model's tokenizer
     assert doc["stages"]["finetune"]["params"] == [{"pipelines.yaml": ["pipelines.support-triage.finetune",
                                                                        "models.smollm2-135m-instruct"]}]
     assert {"artifacts/support-triage/validate/validation.json": {"cache": False}} in doc["stages"]["validate"]["metrics"]
