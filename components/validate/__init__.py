@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.base import StageError, StageIO, StageResult, StrictModel, markdown_table, write_json
 from components.catalog import ModelError, resolve
@@ -98,6 +98,14 @@ class Checks(StrictModel):
     pii: PiiCheck = PiiCheck()
 
     model_config = {**StrictModel.model_config, "populate_by_name": True}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "references" in data:
+            raise ValueError("checks.references moved into the tickets' contract: remove it (the default "
+                             "validate.contracts.tickets.columns.customer_id has references: customers.customer_id)")
+        return data
 
 
 class ValidateSpec(StrictModel):

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from components import generate
 from components.base import StageError
-from components.validate import ValidateSpec
+from components.validate import Checks, ValidateSpec
 from components.validate.contracts import DEFAULTS, ColumnContract, Contracts, TableContract
 from components.validate.suites import where
 from tests.components.test_validate import _failure, _validate
@@ -157,6 +157,8 @@ def test_quarantine_follows_a_bad_article_to_the_tickets_that_name_it(tmp_path, 
 
 
 def test_contracts_that_cannot_hold_are_refused_when_the_spec_loads():
+    with pytest.raises(ValidationError, match="checks.references moved into the tickets' contract"):
+        Checks(references={"severity": "error"})  # a spec written before contracts
     with pytest.raises(ValidationError, match="min/max need type integer or number"):
         ColumnContract(type="string", min=1)
     with pytest.raises(ValidationError, match="key columns \\['id'\\] are not in columns"):
