@@ -104,7 +104,8 @@ class AbsoluteGate(_Bounded):
         measured = ev.slices.get(key, {}).get(value)
         if measured is None:
             has = ", ".join(f"{key}={v}" for v in ev.slices.get(key, {})) or f"none by {key} (prepare.slice_by)"
-            raise StageError(f"gate {name!r}: no test chat in slice {self.slice} (evaluate's slices: {has})")
+            raise StageError(f"gate {name!r}: no test chat in slice {self.slice} (evaluate's slices: {has}); "
+                             f"if your tickets have no {key!r} column, remove slice: from gates.checks.{name}")
         return self._bounded(name, float(measured["exact_match"]), f"fine-tuned model, {self.slice} "
                                                                    f"({int(measured['n'])} test chats)")
 
