@@ -82,7 +82,7 @@ def test_slice_gate_errors_name_the_slice():
     with pytest.raises(StageError, match=r"gate 'u': no test chat in slice phrasing=unsen \(evaluate's slices: "
                                          r"phrasing=seen, phrasing=unseen\)"):
         gate.check("u", ev(slices=SLICES))
-    with pytest.raises(StageError, match=r"none by phrasing \(prepare.slice_by\); if your tickets have no "
+    with pytest.raises(StageError, match=r"none by phrasing \(prepare.slice_by\)\); if your tickets have no "
                                          r"'phrasing' column, remove slice: from gates.checks.u"):
         gate.check("u", ev())
     with pytest.raises(ValueError, match="a slice carries exact_match only"):
