@@ -207,7 +207,7 @@ def test_bad_data_stops_the_flow_at_validate(project, demo_small):
     out = project / "artifacts" / "support-triage"
     assert not (out / "prepare").exists() and not (out / "validate").exists()
     report = json.loads((out / "validate.failed" / "validation.json").read_text())
-    assert report["failed_errors"] == 2 and report["rows_in"] == 300
+    assert report["failed_errors"] == 3 and report["rows_in"] == 300
     assert (out / "validate.failed" / "data_docs" / "index.html").exists()
     db = project / ".llmops" / "prefect" / "prefect.db"
     with sqlite3.connect(db) as con:
