@@ -235,7 +235,7 @@ def test_repro_stops_at_validate_on_bad_data(project, demo_small):
     spec = project / "pipelines.yaml"
     text = spec.read_text()
     start = text.index("        kind: generate")
-    end = text.index("        seed: 7")
+    end = text.index("        unseen_share:")  # the generator's last key
     spec.write_text(text[:start] + f"        kind: files\n        uri: {bad}\n" + text[text.index("\n", end) + 1:])
     proc = run_cli(["repro"], cwd=project, tool="dvc")
     assert proc.returncode != 0
