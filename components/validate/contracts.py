@@ -172,10 +172,9 @@ def derive(frame: pd.DataFrame, contract: TableContract,
             ref = kept[other].drop_duplicates(theirs).set_index(theirs)[other_col]
             ref = pd.to_datetime(ref, utc=True, errors="coerce")
             before = df[mine].map(ref) if mine in df.columns else pd.Series(pd.NaT, index=df.index)
-            when = values.where(ok)
+            before, when = pd.to_datetime(before, utc=True), values.where(ok)
             # only where both are known: a missing reference or value fails its own check
-            df[f"_order__{name}"] = ~(when.notna() & pd.to_datetime(before, utc=True).notna()
-                                      & (when < pd.to_datetime(before, utc=True)))
+            df[f"_order__{name}"] = ~(when.notna() & before.notna() & (when < before))
             meaning[f"_order__{name}"] = (name, f"not before {col.after} of its row there")
     key = [k for k in contract.key if k in df.columns]
     if key:
